@@ -1,0 +1,1 @@
+"""Dense-prediction plumbing shared by the methods: label decisions, resizing, windows, superpixels."""

@@ -1,0 +1,2 @@
+"""The registered methods. Importing this package registers them."""
+from ovss.methods import faseg  # noqa: F401

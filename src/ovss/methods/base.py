@@ -1,0 +1,140 @@
+"""What every method shares: construction from a models preset, class checks, batching, OOM fallback.
+
+A method subclass supplies a `Config` dataclass, the model roles it reads, and `_segment_batch`, which
+turns a list of RGB images plus one request into Segmentations. Everything around that lives here.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from ovss.io import ImageInput, load_image
+from ovss.models import ModelSet, resolve_device, resolve_dtype
+from ovss.result import Segmentation
+from ovss.text.classes import validate_classes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentRequest:
+    """One call's class vocabulary and per-image side information.
+
+    given: per-image class lists (e.g. ground-truth image labels or a candidates file); each must be a
+    subset of `classes`. captions: per-image captions that replace the method's captioner.
+    """
+
+    classes: list[str]
+    background: bool = True
+    bg_threshold: float | None = None
+    given: list[list[str]] | None = None
+    captions: list[str] | None = None
+
+    def subset(self, idx: Sequence[int]) -> "SegmentRequest":
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        return SegmentRequest(self.classes, self.background, self.bg_threshold, pick(self.given), pick(self.captions))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class Method:
+    """Base class of the registered methods. Subclasses set `Config`, `roles`, `_segment_batch`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+    #: model roles this method may read, e.g. ("diffusion", "captioner", "tagger")
+    roles: ClassVar[tuple[str, ...]] = ()
+    #: dtype used on CUDA when the caller does not choose one (the dtype behind the paper's numbers)
+    cuda_dtype: ClassVar[str] = "float16"
+    default_batch_size: ClassVar[int] = 1
+
+    def __init__(self, config: Any, models: None | str | dict[str, str] = None, *, device: str | None = None,
+                 dtype: str | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device, cuda_default=self.cuda_dtype)
+        self.models = ModelSet(self.name, models, device=self.device, dtype=self.dtype)
+        for role in self.required_roles():
+            self.models[role]  # load now: a missing model fails at create(), not mid-run
+
+    # -- to override -------------------------------------------------------------------------------
+    def required_roles(self) -> tuple[str, ...]:
+        """Roles this configuration needs (others load lazily if a call asks for them)."""
+        return self.roles
+
+    def _segment_batch(self, images: list[Image.Image], request: SegmentRequest) -> list[Segmentation]:
+        raise NotImplementedError
+
+    # -- public API --------------------------------------------------------------------------------
+    def segment(self, image: ImageInput, classes: Iterable[str] | str, *, background: bool = True,
+                bg_threshold: float | None = None, given: list[str] | None = None,
+                caption: str | None = None) -> Segmentation:
+        """Segment one image over `classes` (any list of names)."""
+        return next(iter(self.segment_many(
+            [image], classes, batch_size=1, background=background, bg_threshold=bg_threshold,
+            given=None if given is None else [given], captions=None if caption is None else [caption])))
+
+    def segment_many(self, images: Iterable[ImageInput], classes: Iterable[str] | str, *,
+                     batch_size: int | None = None, background: bool = True, bg_threshold: float | None = None,
+                     given: Sequence[list[str]] | None = None, captions: Sequence[str] | None = None,
+                     ) -> Iterator[Segmentation]:
+        """Yield one Segmentation per image, in order, running `batch_size` images per model call.
+
+        On a GPU out-of-memory error the batch is halved and retried, down to one image.
+        """
+        vocab = validate_classes(classes)
+        bs = max(1, batch_size or self.default_batch_size)
+        given_l = None if given is None else [self._check_given(g, vocab) for g in given]
+        caps = None if captions is None else list(captions)
+        buf: list[Image.Image] = []
+        start = 0
+        for i, img in enumerate(images):
+            buf.append(load_image(img))
+            if len(buf) == bs:
+                yield from self._run_with_fallback(buf, self._request(vocab, background, bg_threshold, given_l, caps, start))
+                start = i + 1
+                buf = []
+        if buf:
+            yield from self._run_with_fallback(buf, self._request(vocab, background, bg_threshold, given_l, caps, start))
+
+    # -- internals ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_given(names: Sequence[str], vocab: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in vocab]
+        if unknown:
+            raise ValueError(f"given classes {unknown} are not in the class list {vocab}")
+        return list(names)
+
+    @staticmethod
+    def _request(vocab, background, bg_threshold, given, captions, start) -> "_Slice":
+        return _Slice(SegmentRequest(vocab, background, bg_threshold, given, captions), start)
+
+    def _run_with_fallback(self, images: list[Image.Image], sl: "_Slice") -> list[Segmentation]:
+        req = sl.request.subset(range(sl.start, sl.start + len(images))) if (
+            sl.request.given is not None or sl.request.captions is not None) else sl.request
+        try:
+            return self._segment_batch(images, req)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err) or len(images) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(images) // 2
+            log.warning("out of memory at batch %d; retrying with batches of %d", len(images), half)
+            return (self._run_with_fallback(images[:half], sl)
+                    + self._run_with_fallback(images[half:], _Slice(sl.request, sl.start + half)))
+
+
+@dataclass
+class _Slice:
+    """A request plus the index of the first image of a batch inside it (for per-image fields)."""
+
+    request: SegmentRequest
+    start: int
