@@ -49,6 +49,7 @@ def get_method_class(name: str) -> type["Method"]:
 
 def create(
     name: str,
+    /,
     models: None | str | dict[str, str] = None,
     *,
     device: str | None = None,

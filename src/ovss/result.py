@@ -6,28 +6,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from ovss.dense.labels import resize_scores
 
 
 @dataclass
 class Segmentation:
-    """labels: (H, W) int array indexing `classes`; scores: (len(classes), H, W) float32.
+    """labels: (H, W) int array indexing `classes`, at the input image's size.
 
-    `classes[0]` is "background" when background handling was on. `meta` carries what produced the
-    result (method, caption, candidate classes, threshold, ...) and is written to the JSON summary.
+    `scores` is (len(classes), H, W) float32. It is stored at the method's working resolution
+    (`scores_lowres`, e.g. 512² for FA-Seg) and upsampled bilinearly on access, so a huge image with many
+    classes costs memory only when a caller asks for full-size scores. `classes[0]` is "background" when
+    background handling was on (its channel holds the threshold the rule compared against). `meta` records
+    what produced the result (method, caption, candidates, threshold) and goes into the JSON summary.
     """
 
     labels: np.ndarray
-    scores: np.ndarray
+    scores_lowres: np.ndarray
     classes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.labels.ndim != 2:
             raise ValueError(f"labels must be (H, W), got {self.labels.shape}")
-        if self.scores.shape != (len(self.classes), *self.labels.shape):
-            raise ValueError(
-                f"scores {self.scores.shape} do not match {len(self.classes)} classes at {self.labels.shape}"
-            )
+        if self.scores_lowres.ndim != 3 or self.scores_lowres.shape[0] != len(self.classes):
+            raise ValueError(f"scores {self.scores_lowres.shape} do not match {len(self.classes)} classes")
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(len(classes), H, W) float32 at the image's size (computed on access; not cached)."""
+        return resize_scores(torch.from_numpy(self.scores_lowres), self.labels.shape).numpy()
 
     @property
     def size(self) -> tuple[int, int]:

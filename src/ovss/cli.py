@@ -1,0 +1,378 @@
+"""The `ovss` command: one entry point, one `_add_<name>` function per subcommand.
+
+A subcommand is added by writing `_add_<name>(subparsers)` (it builds its parser and sets `func`) and
+listing it in COMMANDS. Handlers return the exit code: 0 success, 1 some inputs failed, 2 bad usage.
+Everything that can be checked cheaply (classes, options, the output folder) is checked before any model
+or image is loaded, so a typo costs a second, not a model load.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import ovss
+from ovss.io import ImageLoadError, expand_inputs, load_image, save_segmentation, write_json
+from ovss.registry import get_method_class, list_methods
+from ovss.text.classes import BACKGROUND, validate_classes
+
+#: outputs written next to the per-image files; an image called e.g. summary.jpg gets another stem
+_RESERVED_STEMS = ("summary", "classes")
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+_NONE = ("none", "null")
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, no traceback, exit with `code`."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-written examples' line breaks (defaults are stated in each option's help)."""
+
+
+# -- ovss methods -------------------------------------------------------------------------------------
+
+
+def _presets() -> dict[str, dict[str, tuple[str, str]]]:
+    """PRESETS from ovss.models, or {} when that package is unavailable (the listing still works)."""
+    try:
+        from ovss.models import PRESETS
+    except ImportError:
+        return {}
+    return PRESETS
+
+
+def method_line(name: str) -> str:
+    """`name  role=hub-id (kind)  ...` for one registered method."""
+    preset = _presets().get(name, {})
+    declared = get_method_class(name).roles
+    roles = list(declared) + [r for r in preset if r not in declared]
+    parts = []
+    for role in roles:
+        if role in preset:
+            kind, hub_id = preset[role]
+            parts.append(f"{role}={hub_id} ({kind})")
+        else:
+            parts.append(f"{role}=(no preset)")
+    return f"{name:<15} {'  '.join(parts) or '(no models)'}"
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    for name in list_methods():
+        print(method_line(name))
+    return 0
+
+
+def _add_methods(sub: Any) -> None:
+    p = sub.add_parser(
+        "methods", formatter_class=_Formatter, help="list the segmentation methods and the models they use",
+        description="List every registered method, one line each, with its model roles and the hub id each\n"
+                    "role loads by default (the paper's models). Override a role with --models role=SOURCE.",
+        epilog="Examples:\n  ovss methods\n  ovss segment photo.jpg -m faseg -c cat,dog --models diffusion=./my-sd -o out")
+    p.set_defaults(func=_cmd_methods)
+
+
+# -- ovss segment -------------------------------------------------------------------------------------
+
+
+def read_classes(text: str | None, file: str | None) -> list[str]:
+    """-c "cat,dog" or a file (one or more names a line, comma-separated; '#' comments and blank lines ignored)."""
+    if file is not None:
+        try:
+            raw = Path(file).read_text(encoding="utf-8")
+        except OSError as err:
+            raise CLIError(f"cannot read the classes file {file}: {err.strerror or err}") from None
+        lines = [ln for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        text = "\n".join(lines)
+    try:
+        return validate_classes(text or "")
+    except ValueError as err:
+        raise CLIError(f"bad class list: {err}") from None
+
+
+def parse_models(text: str | None) -> None | str | dict[str, str]:
+    """--models: absent or "paper" -> None (the paper's hub ids); "tiny"/"toy"; "role=src,role=src" -> dict."""
+    if text is None or text.strip() == "paper":
+        return None
+    text = text.strip()
+    if text in ("tiny", "toy"):
+        return text
+    if "=" not in text:
+        raise CLIError(f"--models {text!r}: use paper, tiny, toy or role=SOURCE[,role=SOURCE...]")
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        role, sep, src = item.partition("=")
+        if not sep or not role.strip() or not src.strip():
+            raise CLIError(f"--models: {item!r} is not role=SOURCE")
+        out[role.strip()] = src.strip()
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: int, float, bool (true/false/yes/no/on/off), none, a comma list of those, or a string."""
+    if "," in text:
+        return [parse_value(part) for part in text.split(",")]
+    t = text.strip()
+    if t.lower() in _BOOLS:
+        return _BOOLS[t.lower()]
+    if t.lower() in _NONE:
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def _coerce(value: Any, raw: str, hint: Any) -> Any:
+    """Fit a parsed value to the field's annotation where the guess was ambiguous ("1" for a str field)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    origin = typing.get_origin(hint) or hint
+    if hint is str:
+        return raw
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (list, tuple) and value is not None:
+        items = value if isinstance(value, list) else [value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def config_overrides(method_cls: type, sets: list[str], seed: int | None) -> dict[str, Any]:
+    """--set KEY=VALUE pairs (and --seed) checked against the method's Config fields."""
+    fields = {f.name for f in dataclasses.fields(method_cls.Config) if f.init}
+    try:
+        hints = typing.get_type_hints(method_cls.Config)
+    except (NameError, TypeError):
+        hints = {}
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise CLIError(f"--set {key}: {method_cls.name} has no option {key!r}; "
+                           f"valid options: {', '.join(sorted(fields))}")
+        out[key] = _coerce(parse_value(raw), raw.strip(), hints.get(key))
+    if seed is not None:
+        if "seed" in fields:
+            out["seed"] = seed
+        else:
+            logging.getLogger(__name__).warning("%s has no seed option; --seed ignored", method_cls.name)
+    return out
+
+
+def prepare_out_dir(path: Path) -> Path:
+    """Create OUT (and parents) and prove it is writable, before any expensive work."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"output {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".ovss-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(f"output folder {path} cannot be created or written: {err.strerror or err}") from None
+    return path
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """File stems, made distinct ("cat", "cat_2") case-insensitively and away from OUT's own files."""
+    used = {s.lower() for s in _RESERVED_STEMS}
+    stems = []
+    for p in paths:
+        cand, k = p.stem, 2
+        while cand.lower() in used:
+            cand, k = f"{p.stem}_{k}", k + 1
+        used.add(cand.lower())
+        stems.append(cand)
+    return stems
+
+
+def _model_sources(method: Any) -> dict[str, str] | None:
+    sources = getattr(getattr(method, "models", None), "sources", None)
+    return dict(sources()) if callable(sources) else None
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    classes = read_classes(args.classes, args.classes_file)
+    try:
+        method_cls = get_method_class(args.method)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    config = config_overrides(method_cls, args.set or [], args.seed)
+    models = parse_models(args.models)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError("--batch-size must be at least 1")
+    out = prepare_out_dir(Path(args.out))
+
+    paths, problems = expand_inputs(args.inputs)
+    failures: list[dict[str, str]] = []
+
+    def skip(item: str, reason: str) -> None:
+        failures.append({"input": item, "reason": reason})
+        tqdm.write(f"ovss: skipped {item}: {reason}", file=sys.stderr)
+
+    for item, reason in problems:
+        skip(item, reason)
+    if not paths:
+        raise CLIError("no images to segment", code=1)
+
+    try:
+        method = ovss.create(args.method, models=models, device=args.device, dtype=args.dtype, **config)
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    except (RuntimeError, OSError) as err:
+        raise CLIError(f"could not load the {args.method} models: {err}", code=1) from None
+
+    vocab = ([BACKGROUND] if args.background else []) + classes
+    write_json(out / "classes.json", {"classes": vocab, "background": args.background})
+    pending: deque[tuple[Path, str, Any]] = deque()
+    done: list[dict[str, Any]] = []
+    bar = tqdm(total=len(paths), unit="image", desc=f"ovss segment {args.method}", file=sys.stderr)
+
+    def images():
+        for path, stem in zip(paths, unique_stems(paths)):
+            try:
+                im = load_image(path)
+            except ImageLoadError as err:
+                skip(str(path), err.reason)
+                bar.update(1)
+                continue
+            pending.append((path, stem, im))
+            yield im
+
+    completed = False
+    try:
+        for seg in method.segment_many(images(), classes, batch_size=args.batch_size, background=args.background,
+                                       bg_threshold=args.bg_threshold):
+            path, stem, im = pending.popleft()
+            if list(seg.classes) != vocab:
+                raise RuntimeError(f"{args.method} returned classes {seg.classes} for {path}, expected {vocab}")
+            files = save_segmentation(seg, out, stem, image=im, masks=args.masks)
+            done.append({"input": str(path), "stem": stem,
+                         "files": {k: os.path.relpath(v, out) for k, v in files.items()}})
+            bar.update(1)
+        completed = True
+    finally:
+        bar.close()
+        write_json(out / "summary.json", {
+            "method": args.method, "models": _model_sources(method),
+            "config": dataclasses.asdict(method.config) if dataclasses.is_dataclass(method.config) else None,
+            "classes": vocab, "background": args.background, "bg_threshold": args.bg_threshold,
+            "images": done, "failures": failures, "completed": completed, "ovss_version": ovss.__version__})
+    print(f"ovss: {len(done)} image(s) segmented, {len(failures)} skipped; outputs in {out}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+_SEGMENT_EPILOG = """\
+Outputs (in OUT):
+  <stem>.png          label map, palette PNG: pixel value = index into classes.json
+  <stem>_overlay.png  the image tinted with class colours, legend on the right
+  <stem>.json         classes, pixel fraction per class present, size, method details
+  <stem>_masks/       one black/white PNG per class present (with --masks)
+  classes.json        the class list the label PNGs index ("background" first when on)
+  summary.json        method, models, options, files per image, skipped inputs
+
+Examples:
+  ovss segment cat.jpg -m faseg -c "cat,sofa,floor" -o out/
+  ovss segment photos/ "more/*.png" -m faseg --classes-file voc.txt --batch-size 4 -o out/
+  ovss segment cat.jpg -m faseg -c cat,dog --models tiny -o /tmp/smoke      # random tiny models, seconds
+  ovss segment cat.jpg -m diffsegmenter -c cat,dog --no-background --seed 0 -o out/
+  ovss segment cat.jpg -m faseg -c cat,dog --set bg_threshold=0.55 -o out/    # any Config field
+  ovss segment cat.jpg -m faseg -c cat,dog --models diffusion=./local-sd,captioner=tiny -o out/
+
+Unreadable, corrupt or non-image files are reported, skipped, and the rest finish; the exit code is then 1.
+See `ovss methods` for method names, model roles and default models."""
+
+
+def _add_segment(sub: Any) -> None:
+    p = sub.add_parser(
+        "segment", formatter_class=_Formatter, help="segment images over a list of class names",
+        description="Label every pixel of each image with one of the given class names (open vocabulary:\n"
+                    "any names). PATH may be an image, a folder (searched recursively) or a glob pattern.",
+        epilog=_SEGMENT_EPILOG)
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("-m", "--method", required=True, help="method name (see `ovss methods`)")
+    cls = p.add_mutually_exclusive_group(required=True)
+    cls.add_argument("-c", "--classes", help='comma-separated class names, e.g. "cat,dog,sofa"')
+    cls.add_argument("--classes-file", metavar="FILE", help="file of class names (one a line or comma-separated)")
+    p.add_argument("--background", action=argparse.BooleanOptionalAction, default=True,
+                   help="add a background class (index 0) for pixels no class explains (default: on)")
+    p.add_argument("--bg-threshold", type=float, default=None, metavar="X",
+                   help="score below which a pixel is background (default: the method's paper value)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per model call (default: the method's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for methods that draw noise (sets the Config's seed)")
+    p.add_argument("--models", default=None, metavar="SPEC",
+                   help="paper (the paper's hub ids, default), tiny (random, for smoke tests), toy, or "
+                        "role=SOURCE,... where SOURCE is a hub id, a local folder or tiny")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any field of the method's Config, e.g. --set bg_threshold=0.55; a,b,c gives a list (repeatable)")
+    p.add_argument("--masks", action="store_true", help="also write one binary mask PNG per class present")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (created if missing)")
+    p.set_defaults(func=_cmd_segment)
+
+
+# -- entry point --------------------------------------------------------------------------------------
+
+#: one function per subcommand; later subcommands (eval, bank, prototypes, demo, bench, serve) append here
+COMMANDS: list[Callable[[Any], None]] = [_add_segment, _add_methods]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ovss", formatter_class=_Formatter,
+        description="Training-free open-vocabulary semantic segmentation with diffusion models.",
+        epilog="Examples:\n  ovss methods\n  ovss segment cat.jpg -m faseg -c \"cat,sofa\" -o out/\n"
+               "  ovss segment --help      (every subcommand explains itself with examples)")
+    parser.add_argument("--version", action="version", version=f"ovss {ovss.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `ovss ARGS`; returns the exit code (argparse's own exits are returned, not raised)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="ovss: %(message)s", level=logging.WARNING)
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"ovss {args.command}: error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print("ovss: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
