@@ -1,0 +1,113 @@
+"""The paper's model for every role of every method, and a lazy loader for one method's roles.
+
+A method names roles ("diffusion", "captioner", ...), never checkpoints, so users swap any of them
+(`models={"diffusion": "path/or/hub-id"}`) and tests swap all of them (`models="tiny"`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ovss.models.devices import resolve_device, resolve_dtype
+from ovss.models.loading import Component, load_component
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"    # the mirror of the withdrawn runwayml/stable-diffusion-v1-5
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+RF2_SD15 = "XCLIU/2_rectified_flow_from_sd_1_5"         # InstaFlow 2-RF, not XCLIU/instaflow_0_9B_from_sd_1_5
+BLIP_LARGE = "Salesforce/blip-image-captioning-large"
+CLIP_B16 = "openai/clip-vit-base-patch16"
+CLIP_L14 = "openai/clip-vit-large-patch14"
+DINO_B8 = "facebook/dino-vitb8"
+DINOV2_L = "facebook/dinov2-large"
+SAM_H = "facebook/sam-vit-huge"
+
+#: method -> role -> (kind, paper hub id). FreeDA's ViT-B variant swaps in facebook/dinov2-base and
+#: openai/clip-vit-base-patch16; OVDiff's default mask source (CutLER) is not on the hub, SAM is its ablation.
+PRESETS: dict[str, dict[str, tuple[str, str]]] = {
+    "faseg": {"diffusion": ("diffusion", RF2_SD15), "captioner": ("blip", BLIP_LARGE), "tagger": ("clip", CLIP_B16)},
+    "diffsegmenter": {"diffusion": ("diffusion", SD15), "captioner": ("blip", BLIP_LARGE),
+                      "filter": ("clip", CLIP_B16)},
+    "ovdiff": {"diffusion": ("diffusion", SD15), "dino": ("dino", DINO_B8), "clip": ("clip", CLIP_B16),
+               "sam": ("sam", SAM_H)},
+    "freeda": {"diffusion": ("diffusion", SD21_BASE), "dinov2": ("dinov2", DINOV2_L), "clip": ("clip", CLIP_L14)},
+}
+
+#: Kinds the papers run in float32 whatever the diffusion dtype (TagCLIP, BLIP, OVDiff's and FreeDA's
+#: DINO/CLIP features); only the diffusion models follow the method's dtype (fp16 on CUDA).
+FULL_PRECISION_KINDS = frozenset({"clip", "blip", "dinov2", "dino", "sam"})
+
+_SHORTCUTS = ("tiny", "toy")
+
+
+class ModelSet:
+    """Lazy, cached models for one method: `models[role]` loads a role on first access only.
+
+    models: None -> the paper's hub ids (PRESETS); "tiny" -> seeded random tiny models; "toy" -> the shipped
+    toy-world models; a dict -> the preset with those roles replaced (hub id, local folder, "tiny" or "toy").
+    dtype applies to the diffusion models; the other kinds load in float32 (FULL_PRECISION_KINDS) unless
+    `dtypes` names a dtype for their role.
+    """
+
+    def __init__(self, method: str, models: None | str | Mapping[str, str] = None, *,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 dtypes: Mapping[str, str | torch.dtype] | None = None) -> None:
+        if method not in PRESETS:
+            raise ValueError(f"no model preset for method {method!r}; methods with presets: {', '.join(PRESETS)}")
+        preset = PRESETS[method]
+        self.method = method
+        self._kinds = {role: kind for role, (kind, _) in preset.items()}
+        self._sources = {role: hub_id for role, (_, hub_id) in preset.items()}
+        if isinstance(models, str):
+            if models not in _SHORTCUTS:
+                raise ValueError(f"models={models!r} is not understood: use None (the paper's models), "
+                                 f"\"tiny\", \"toy\" or a dict role -> hub id / local folder")
+            self._sources = dict.fromkeys(preset, models)
+        elif isinstance(models, Mapping):
+            self._check_roles(models)
+            self._sources.update({role: str(src) for role, src in models.items()})
+        elif models is not None:
+            raise TypeError(f"models must be None, a string or a dict, not {type(models).__name__}")
+        self._check_roles(dtypes or {})
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self._dtypes = {role: resolve_dtype(dtypes[role], self.device) if dtypes and role in dtypes
+                        else torch.float32 if kind in FULL_PRECISION_KINDS else self.dtype
+                        for role, kind in self._kinds.items()}
+        self._cache: dict[str, Component] = {}
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self._kinds)
+
+    def __getitem__(self, role: str) -> Component:
+        if role not in self._cache:
+            self._check_roles([role])
+            self._cache[role] = load_component(self._kinds[role], self._sources[role], device=self.device,
+                                               dtype=self._dtypes[role], role=role)
+        return self._cache[role]
+
+    def is_loaded(self, role: str) -> bool:
+        return role in self._cache
+
+    def sources(self) -> dict[str, str]:
+        """role -> source as given (hub id, folder, "tiny", "toy"), for reports."""
+        return dict(self._sources)
+
+    def kind(self, role: str) -> str:
+        self._check_roles([role])
+        return self._kinds[role]
+
+    def dtype_of(self, role: str) -> torch.dtype:
+        self._check_roles([role])
+        return self._dtypes[role]
+
+    def _check_roles(self, roles) -> None:
+        unknown = [r for r in roles if r not in self._kinds]
+        if unknown:
+            raise ValueError(f"unknown model role(s) {', '.join(map(repr, unknown))} for {self.method}; "
+                             f"valid roles: {', '.join(self._kinds)}")
+
+    def __repr__(self) -> str:
+        return f"ModelSet({self.method!r}, {self._sources}, device={self.device}, dtype={self.dtype})"
+
