@@ -336,7 +336,155 @@ def _add_segment(sub: Any) -> None:
 # -- entry point --------------------------------------------------------------------------------------
 
 #: one function per subcommand; later subcommands (eval, bank, prototypes, demo, bench, serve) append here
-COMMANDS: list[Callable[[Any], None]] = [_add_segment, _add_methods]
+# -- ovss demo ----------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ovss.demo import run_demo
+
+    out = prepare_out_dir(Path(args.out))
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    result = run_demo(out, models=args.models, n=args.n, size=args.size, methods=methods, device=args.device,
+                      seed=args.seed)
+    print(result.markdown())
+    print(f"\nwrote {out}/grid.png (scene | truth | each method), per-method overlays and results.json")
+    return 1 if result.failures else 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", formatter_class=_Formatter, help="run every method on a few toy-world scenes (offline)",
+        description="Generate a few scenes of the toy world (textured stuff, coloured things, exact ground truth),\n"
+                    "segment them with every method over the toy things (stuff = background) using the shipped\n"
+                    "toy models, and write overlays, a side-by-side grid and an mIoU table next to the trivial\n"
+                    "baselines. Without the toy models it runs tiny random-weight models and says so.",
+        epilog="Examples:\n  ovss demo\n  ovss demo -o out/demo --n 12 --methods faseg\n  ovss demo --models tiny")
+    p.add_argument("-o", "--out", default="out/demo", help="output folder (default: out/demo)")
+    p.add_argument("--models", choices=("toy", "tiny"), default=None,
+                   help="toy (default when installed) or tiny (random weights)")
+    p.add_argument("--n", type=int, default=6, help="number of scenes (default: 6)")
+    p.add_argument("--size", type=int, default=160, help="scene side in pixels (default: 160)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the methods (default: 0)")
+    p.set_defaults(func=_cmd_demo)
+
+
+# -- ovss eval ----------------------------------------------------------------------------------------
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ovss.data.datasets import LayoutError
+    from ovss.eval.reports import compare_files
+    from ovss.eval.runner import EvalConfig, EvalConfigError, ModelLoadError, evaluate, parse_sweep
+
+    if args.compare:
+        try:
+            print(compare_files(args.compare), end="")
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+        return 0
+    missing = [flag for flag, value in (("-m/--method", args.method), ("--dataset", args.dataset),
+                                        ("-o/--out", args.out)) if value is None]
+    if missing:
+        raise CLIError(f"{', '.join(missing)} required (or --compare A.json B.json ...)")
+    try:
+        method_cls = get_method_class(args.method)
+        sweep = None if args.sweep_threshold is None else parse_sweep(args.sweep_threshold)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    config = config_overrides(method_cls, args.set or [], args.seed)
+    models = parse_models(args.models)
+    classes = None if args.classes_file is None else read_classes(None, args.classes_file)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError("--batch-size must be at least 1")
+    cfg = EvalConfig(
+        method=args.method, dataset=args.dataset, out_dir=args.out, data_root=args.data_root, protocol=args.protocol,
+        split=args.split, limit=args.limit, models=models, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size, workers=args.workers, method_options=config, classes=classes,
+        classes_file=args.classes_file, name_set=args.name_set, candidates_file=args.candidates_file,
+        sweep_threshold=sweep, grid=args.grid, seed=args.seed, size=args.size)
+    out = prepare_out_dir(Path(args.out))
+    try:
+        results = evaluate(cfg)
+    except (EvalConfigError, LayoutError) as err:
+        raise CLIError(str(err)) from None
+    except ModelLoadError as err:
+        raise CLIError(str(err), code=1) from None
+    except KeyboardInterrupt:
+        print(f"ovss eval: interrupted; finished predictions are kept in {out / 'preds'}: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    print((out / "results.md").read_text(encoding="utf-8"), end="")
+    print(f"ovss eval: {results['n_images']} images; results.json, results.md"
+          f"{', grid.png' if args.grid else ''} in {out}", file=sys.stderr)
+    return 0
+
+
+_EVAL_EPILOG = """\
+Outputs (in OUT):
+  results.json   mIoU (nanmean), mIoU (plain mean), aAcc, per-class IoU (percent), per-image mIoU, dataset,
+                 split, protocol, method config, models, class names, candidates file + sha256, threshold,
+                 sweep (oracle), timing, software versions, date, device
+  results.md     the same as a Markdown report
+  grid.png       image | ground truth | prediction for the first --grid images
+  preds/<id>.png cached label maps: a killed run resumes from them (rerun the same command)
+  scores/<id>.npz  best foreground score + class per pixel (with --sweep-threshold)
+  run.json       the settings the cache belongs to (other settings are refused, not mixed in)
+
+Protocols (evaluation.md): tcl (short side 448, windows 448/224), candidates (whole image, per-image
+candidate lists, plain mean; voc21/context60/coco_object), sclip (336/224/112), ovdiff. Default: the
+method's paper protocol. Datasets: voc20 voc21 context59 context60 coco_object coco_stuff cityscapes
+ade20k (under --data-root, standard layouts: docs/evaluation.md), toy and toy_full (generated).
+
+Examples:
+  ovss eval -m faseg --dataset voc21 --data-root data/ -o runs/faseg_voc21
+  ovss eval -m faseg --dataset context60 --data-root data/ --set bg_threshold=context \\
+            --candidates-file candidate_classes_context.json -o runs/faseg_ctx
+  ovss eval -m diffsegmenter --dataset voc21 --data-root data/ --sweep-threshold 0.30:0.74:0.01 -o runs/ds
+  ovss eval -m faseg --dataset toy --models toy --limit 20 -o /tmp/toy      # offline, minutes on a CPU
+  ovss eval --compare runs/faseg_voc21/results.json runs/ds/results.json"""
+
+
+def _add_eval(sub: Any) -> None:
+    from ovss.eval.protocols import PROTOCOLS
+
+    p = sub.add_parser(
+        "eval", formatter_class=_Formatter, help="score a method on a benchmark (mIoU), resumably",
+        description="Run a method over one split of a benchmark under a named protocol and score it with the\n"
+                    "dataset-level confusion matrix (mmseg semantics). Rerunning the same command resumes.",
+        epilog=_EVAL_EPILOG)
+    p.add_argument("-m", "--method", help="method name (see `ovss methods`)")
+    p.add_argument("--dataset", metavar="KEY", help="benchmark key, e.g. voc21, context59, ade20k, toy")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding VOCdevkit/, coco_stuff164k/, ... (not for toy)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: the method's paper protocol, else tcl")
+    p.add_argument("--split", help="default: the evaluation split (val; validation for ADE20K)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images of the split")
+    p.add_argument("--size", type=int, metavar="PX", help="image side of the toy datasets (default: 64)")
+    p.add_argument("--classes-file", metavar="FILE",
+                   help="class names in label order replacing the dataset's (background datasets: foreground only)")
+    p.add_argument("--name-set", metavar="NAME", help="a named spelling of the class names (ovss.data.names), "
+                                                      "e.g. faseg, ovdiff (default: the method's, if any)")
+    p.add_argument("--candidates-file", metavar="FILE",
+                   help="per-image candidate lists (JSON) for the candidates protocol (default: the method's stage)")
+    p.add_argument("--sweep-threshold", metavar="A:B:STEP",
+                   help="also score every background threshold A..B on cached scores and report the best "
+                        "(an ORACLE, DiffSegmenter's protocol), e.g. 0.30:0.74:0.01")
+    p.add_argument("--models", default=None, metavar="SPEC", help="paper (default), tiny, toy or role=SOURCE,...")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of the method's Config (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for methods that draw noise")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per model call (default: the method's)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="threads loading images ahead (default: 2)")
+    p.add_argument("--grid", type=int, default=8, metavar="N", help="examples in grid.png (default: 8; 0 = none)")
+    p.add_argument("-o", "--out", metavar="OUT", help="output folder (created if missing)")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON",
+                   help="print results.json files side by side (Markdown) instead of running")
+    p.set_defaults(func=_cmd_eval)
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_segment, _add_methods, _add_demo, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

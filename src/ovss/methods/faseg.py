@@ -38,7 +38,7 @@ class FASegConfig:
     bg_threshold: float | str = 0.55  # a number, or a preset name: "voc", "context", "coco_object"
     candidates: str = "tagclip_blip"  # TagCLIP ∪ BLIP-caption nouns; "all", "given", "tagclip", ...
     caption: Literal["blip", "simple", "given"] = "blip"  # "simple": "a photo of " + class prompt
-    resolution: int = 512  # the image is squashed to resolution² (aspect ratio ignored)
+    resolution: int | None = None  # image squashed to resolution² (aspect ignored); None: the model's native size (512 for SD)
     cross_weights: tuple[float, ...] = (0.15, 0.70, 0.15, 0.0)  # w× for sides 8/16/32/64
     self_weights: tuple[float, ...] = (0.10, 0.10, 0.50, 0.30)  # wˢ for sides 8/16/32/64
     affinity_power: int = 2  # Pʳ = (Âʳ)²
@@ -170,6 +170,11 @@ class FASeg(Method):
     cuda_dtype = "float16"
     default_batch_size = 4
 
+    @property
+    def resolution(self) -> int:
+        """Working resolution R: the config's, else the diffusion model's native size."""
+        return self.config.resolution or self.models["diffusion"].native_resolution
+
     def required_roles(self) -> tuple[str, ...]:
         roles = {"diffusion", *get_selector(self.config.candidates).roles}
         if self.config.caption == "blip":
@@ -215,13 +220,13 @@ class FASeg(Method):
     def score(self, images: list[Image.Image], prompts: list[_Prompts]) -> list[torch.Tensor]:
         """The FA-Seg pass for a batch: per image, U (K, R, R) at the working resolution (steps 5-13)."""
         cfg, dm = self.config, self.models["diffusion"]
-        unet, n = dm.unet, len(images)
+        unet, n, res = dm.unet, len(images), self.resolution
         branches = 2 if cfg.ttf else 1
         # Step 5: squash to R² (PIL bicubic), add the flipped copy, one VAE pass for the whole batch.
-        pixels = pil_to_tensor(images, cfg.resolution)
+        pixels = pil_to_tensor(images, res)
         if cfg.ttf:
             pixels = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)  # [im0, flip0, im1, flip1, ...]
-        latent_side = cfg.resolution // (2 ** (len(dm.vae.config.block_out_channels) - 1))
+        latent_side = res // dm.vae_factor
         noise = torch.cat([seeded_noise((2, dm.vae.config.latent_channels, latent_side, latent_side), cfg.seed,
                                         dm.vae.dtype)[:branches] for _ in range(n)])
         z0 = encode_latents(dm.vae, pixels, dm.vae_scale, noise=None if cfg.vae_sample == "mean" else noise)
@@ -256,7 +261,7 @@ class FASeg(Method):
                 c = class_cross_maps({f: cross[f][item] for f in w_cross}, p.spans, w_cross, side, cfg.cross_upsample)
                 m = class_maps(c, {f: selfs[f][item] for f in w_self}, w_self, cfg.affinity_power, cfg.self_resize)
                 # Step 12: bicubic to R², no clamping.
-                per_branch.append(F.interpolate(m[None], size=(cfg.resolution,) * 2, mode="bicubic",
+                per_branch.append(F.interpolate(m[None], size=(res, res), mode="bicubic",
                                                 align_corners=False)[0])
             # Step 13: TTF, un-flipped at R² after the upsampling.
             out.append((per_branch[0] + per_branch[1].flip(-1)) / 2 if cfg.ttf else per_branch[0])
@@ -293,7 +298,7 @@ class FASeg(Method):
         """Steps 14-16: labels at R² (max ≥ τ -> class), nearest-resized to H×W; empty list -> background."""
         cfg, vocab = self.config, request.classes
         tau = float(cfg.bg_threshold if request.bg_threshold is None else request.bg_threshold)
-        res = cfg.resolution
+        res = self.resolution
         size_hw = (image.height, image.width)
         classes = (["background"] if request.background else []) + vocab
         offset = 1 if request.background else 0

@@ -59,6 +59,16 @@ class DiffusionModels:
         """Latent scaling factor (0.18215 for SD-1.x): z = vae_scale * encoder mean/sample."""
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell (8 for SD): the VAE halves the size at each level but the last."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the UNet was trained at (512 for SD-1.5: 64 latents × 8)."""
+        return int(self.unet.config.sample_size) * self.vae_factor
+
 
 @dataclass
 class CLIPModels:
