@@ -328,3 +328,93 @@ def test_segment_many_batches_equal_single_calls(make):
         one = seg.segment(img, classes=["sky", "grass"])
         assert np.allclose(one.scores_lowres, m.scores_lowres, atol=1e-4)
         assert np.array_equal(one.labels, m.labels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad and unusual input, through the real method
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make_image", [
+    lambda: Image.new("RGB", (8, 8), (200, 10, 10)),
+    lambda: scene().convert("L"),
+    lambda: scene().convert("RGBA"),
+    lambda: Image.fromarray((np.arange(60 * 40, dtype=np.uint16).reshape(40, 60) * 27).astype(np.uint16)),
+    lambda: np.asarray(scene()),
+], ids=["8x8", "grayscale", "rgba", "16bit", "numpy"])
+def test_any_input_mode_gives_a_label_map_of_its_size(make, make_image):
+    img = make_image()
+    out = make().segment(img, classes=["sky", "grass"])
+    h, w = (img.shape[:2] if isinstance(img, np.ndarray) else (img.height, img.width))
+    assert out.labels.shape == (h, w) and set(np.unique(out.labels)) <= {0, 1, 2}
+
+
+def test_huge_image_gives_a_full_size_label_map(make):
+    img = Image.new("RGB", (6000, 4000), (30, 120, 200))
+    out = make().segment(img, classes=["sky"])
+    assert out.labels.shape == (4000, 6000)
+    assert out.scores_lowres.shape == (2, RES, RES)  # full-size scores only on access
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_results(make, monkeypatch, caplog):
+    seg = make()
+    imgs = [scene(), scene(40, 60), scene(64, 64), scene(30, 30)]
+    expected = [o.labels for o in seg.segment_many(imgs, classes=["sky", "grass"], batch_size=1)]
+    real = type(seg)._segment_batch
+    sizes = []
+
+    def flaky(self, images, request):
+        sizes.append(len(images))
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, images, request)
+
+    monkeypatch.setattr(type(seg), "_segment_batch", flaky)
+    got = [o.labels for o in seg.segment_many(imgs, classes=["sky", "grass"], batch_size=4)]
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert "out of memory" in caplog.text
+
+
+def test_other_runtime_errors_are_not_swallowed(make, monkeypatch):
+    seg = make()
+    monkeypatch.setattr(type(seg), "_segment_batch", lambda self, images, request: (_ for _ in ()).throw(
+        RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        list(seg.segment_many([scene(), scene()], classes=["sky"], batch_size=2))
+
+
+def test_bad_class_lists_and_truncation(make, caplog):
+    seg = make()
+    for bad, msg in (([], "empty"), (["sky", "Sky"], "duplicate"), (["sky", " "], "blank"),
+                     (["background", "sky"], "reserved")):
+        with pytest.raises(ValueError, match=msg):
+            seg.segment(scene(), classes=bad)
+    with pytest.raises(ValueError, match="needs 80 > 75 tokens"):
+        seg.segment(scene(), classes=["sky " * 80])
+    out = seg.segment(scene(), classes=["sky", "grass"], caption="a very long caption " * 20)
+    assert out.labels.shape == (50, 70)
+    assert "truncated" in caplog.text
+
+
+def test_cli_segment_folder_with_faseg(tmp_path):
+    from ovss.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    scene().save(folder / "a.png")
+    scene(33, 21).convert("L").save(folder / "b.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "out"
+    code = main(["segment", str(folder), "-m", "faseg", "-c", "sky,grass", "--models", "tiny", "--masks",
+                 "--set", f"resolution={RES}", "--set", "candidates=all", "--set", "caption=simple", "-o", str(out)])
+    assert code == 1  # the broken file is reported and skipped; the others finish
+    import json
+
+    classes = json.loads((out / "classes.json").read_text())["classes"]
+    assert classes == ["background", "sky", "grass"]
+    for stem, size in (("a", (50, 70)), ("b", (21, 33))):
+        labels = np.array(Image.open(out / f"{stem}.png"))
+        assert labels.shape == size and labels.max() < len(classes)
+        summary = json.loads((out / f"{stem}.json").read_text())
+        assert summary["meta"]["method"] == "faseg"
+        assert abs(sum(summary["present"].values()) - 1) < 1e-6
+    assert not (out / "broken.png").exists()

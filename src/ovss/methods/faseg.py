@@ -199,10 +199,13 @@ class FASeg(Method):
         return [self._finish(images[i], request, candidates[i], scores.get(i), prompts.get(i)) for i in range(len(images))]
 
     def _prompts(self, names: list[str], caption: str | None) -> _Prompts:
-        """P_c = names joined by ", " (caller's order: the text encoder is causal); P_t = s + " ; " + P_c."""
+        """P_c = names joined by ", " (caller's order: the text encoder is causal); P_t = s + " ; " + P_c.
+
+        s is the caller's or BLIP's caption; without one ("simple"), "a photo of " + P_c.
+        """
         tok = self.models["diffusion"].tokenizer
         class_prompt = ", ".join(names)
-        if self.config.caption == "simple" or caption is None:
+        if caption is None:
             caption = "a photo of " + class_prompt
         text_prompt = caption + " ; " + class_prompt
         if not self.config.dual_prompt:
