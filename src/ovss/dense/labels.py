@@ -32,13 +32,24 @@ def labels_without_background(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(dim=0)
 
 
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel exactly as Pillow's NEAREST scaling: x₀ = a/2, then x += a (a = in/out)
+    accumulated in double precision and truncated. A multiply-based rule differs at ~0.3 % of boundary pixels."""
+    steps = np.full(n_out, n_in / n_out)
+    steps[0] /= 2
+    return np.minimum(np.cumsum(steps).astype(np.int64), n_in - 1)
+
+
 def resize_labels(labels: torch.Tensor | np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Nearest resize of an integer label map (pixel-centre sampling, as PIL does to a palette PNG): never invents labels."""
-    t = torch.as_tensor(labels)
-    if tuple(t.shape) == tuple(size_hw):
-        return t.cpu().numpy().astype(np.int64)
-    out = F.interpolate(t[None, None].float(), size=size_hw, mode="nearest-exact")[0, 0]
-    return out.round().long().cpu().numpy()
+    """Nearest resize of an integer label map, identical to PIL's NEAREST on a palette PNG (what the official
+    FA-Seg evaluation does); never invents a label value."""
+    lab = torch.as_tensor(labels).cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    lab = lab.astype(np.int64, copy=False)
+    if lab.shape == tuple(size_hw):
+        return lab
+    rows = _nearest_index(lab.shape[0], size_hw[0])
+    cols = _nearest_index(lab.shape[1], size_hw[1])
+    return lab[rows[:, None], cols[None, :]]
 
 
 def resize_scores(scores: torch.Tensor, size_hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
