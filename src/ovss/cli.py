@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
 import logging
 import os
 import sys
@@ -102,6 +104,21 @@ def read_classes(text: str | None, file: str | None) -> list[str]:
         return validate_classes(text or "")
     except ValueError as err:
         raise CLIError(f"bad class list: {err}") from None
+
+
+def read_labels_file(file: str, classes: list[str]) -> dict[str, list[str]]:
+    """--labels-file: JSON {image file name or stem: [class, ...]}, e.g. ground-truth image-level labels."""
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot read the labels file {file}: {getattr(err, 'strerror', None) or err}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
+                                             for v in data.values()):
+        raise CLIError(f"labels file {file}: expected a JSON object {{image name: [class, ...]}}")
+    unknown = sorted({c for v in data.values() for c in v} - set(classes))
+    if unknown:
+        raise CLIError(f"labels file {file}: classes {unknown} are not in the class list")
+    return data
 
 
 def parse_models(text: str | None) -> None | str | dict[str, str]:
@@ -214,6 +231,7 @@ def _model_sources(method: Any) -> dict[str, str] | None:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     classes = read_classes(args.classes, args.classes_file)
+    labels = None if args.labels_file is None else read_labels_file(args.labels_file, classes)
     try:
         method_cls = get_method_class(args.method)
     except ValueError as err:
@@ -235,6 +253,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         skip(item, reason)
     if not paths:
         raise CLIError("no images to segment", code=1)
+    unlabelled = [str(p) for p in paths if labels is not None and p.name not in labels and p.stem not in labels]
+    if unlabelled:
+        raise CLIError(f"the labels file has no entry for {len(unlabelled)} image(s): {', '.join(unlabelled[:5])}")
 
     try:
         method = ovss.create(args.method, models=models, device=args.device, dtype=args.dtype, **config)
@@ -260,10 +281,21 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             pending.append((path, stem, im))
             yield im
 
+    def segmented():
+        if labels is None:
+            yield from method.segment_many(images(), classes, batch_size=args.batch_size,
+                                           background=args.background, bg_threshold=args.bg_threshold)
+            return
+        # Per batch, so that each image's labels follow it even when an unreadable image is skipped.
+        loaded = images()
+        while batch := list(itertools.islice(loaded, args.batch_size or method.default_batch_size)):
+            given = [labels.get(path.name, labels.get(path.stem)) for path, _, _ in pending]
+            yield from method.segment_many(batch, classes, batch_size=len(batch), background=args.background,
+                                           bg_threshold=args.bg_threshold, given=given)
+
     completed = False
     try:
-        for seg in method.segment_many(images(), classes, batch_size=args.batch_size, background=args.background,
-                                       bg_threshold=args.bg_threshold):
+        for seg in segmented():
             path, stem, im = pending.popleft()
             if list(seg.classes) != vocab:
                 raise RuntimeError(f"{args.method} returned classes {seg.classes} for {path}, expected {vocab}")
@@ -329,6 +361,9 @@ def _add_segment(sub: Any) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any field of the method's Config, e.g. --set bg_threshold=0.55; a,b,c gives a list (repeatable)")
     p.add_argument("--masks", action="store_true", help="also write one binary mask PNG per class present")
+    p.add_argument("--labels-file", metavar="FILE",
+                   help='JSON {"image name or stem": [classes]}: score only those classes per image (e.g. image-level '
+                        'labels, for weakly supervised pseudo-masks)')
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (created if missing)")
     p.set_defaults(func=_cmd_segment)
 
@@ -475,7 +510,8 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for methods that draw noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per model call (default: the method's)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per model call (default: the method's)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="threads loading images ahead (default: 2)")
     p.add_argument("--grid", type=int, default=8, metavar="N", help="examples in grid.png (default: 8; 0 = none)")
     p.add_argument("-o", "--out", metavar="OUT", help="output folder (created if missing)")
@@ -484,7 +520,62 @@ def _add_eval(sub: Any) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_segment, _add_methods, _add_demo, _add_eval]
+# -- ovss serve ---------------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ovss.serve import ServeConfig
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+        raise CLIError("--max-upload-mb and --max-megapixels must be positive")
+    try:
+        config = ServeConfig(models=args.models, methods=methods, device=args.device, dtype=args.dtype,
+                             max_upload_bytes=int(args.max_upload_mb * 2**20),
+                             max_pixels=int(args.max_megapixels * 1_000_000))
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    try:
+        from ovss.serve.server import is_loopback, serve
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CLIError("ovss serve needs the web extra (Gradio): pip install 'ovss[web]'", code=1) from None
+    if not is_loopback(args.host):
+        print(f"ovss serve: warning: listening on {args.host}, not only on this machine: anyone who can reach "
+              f"port {args.port} can use the app and your CPU/GPU (there is no login)", file=sys.stderr)
+    try:
+        serve(config, host=args.host, port=args.port)
+    except OSError as err:
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {err}", code=1) from None
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve", formatter_class=_Formatter, help="a local web app: upload an image, name classes, look",
+        description="Serve a web page (Gradio; needs `pip install 'ovss[web]'`) to segment uploaded images or\n"
+                    "bundled toy scenes with one or several methods side by side: overlay with legend, per-class\n"
+                    "masks and score maps, label PNG and JSON to download. Models load once and stay warm;\n"
+                    "requests queue and run one at a time. Listens on 127.0.0.1 (this machine only) by default.",
+        epilog="Examples:\n  ovss serve                                   # http://127.0.0.1:7860, toy models\n"
+               "  ovss serve --models paper --methods faseg,diffsegmenter --device cuda\n"
+               "  ovss serve --host 0.0.0.0 --port 8080        # reachable from the network: no login!")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; 0.0.0.0 exposes the app to the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--models", choices=("toy", "tiny", "paper"), default="toy",
+                   help="models preset selected in the page (default: toy; tiny random-weight models stand in "
+                        "until the toy models are installed)")
+    p.add_argument("--methods", default=None, help="comma-separated methods to offer (default: all)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest accepted upload in MiB (default: 25)")
+    p.add_argument("--max-megapixels", type=float, default=50.0,
+                   help="largest accepted image in megapixels, checked before decoding (default: 50)")
+    p.set_defaults(func=_cmd_serve)
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_segment, _add_methods, _add_demo, _add_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

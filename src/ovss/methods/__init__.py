@@ -1,2 +1,3 @@
 """The registered methods. Importing this package registers them."""
+from ovss.methods import diffsegmenter  # noqa: F401
 from ovss.methods import faseg  # noqa: F401
