@@ -370,7 +370,7 @@ def list_datasets() -> list[str]:
     return list(DATASETS)
 
 
-def get_dataset(key: str, root: str | Path, split: str | None = None, *, limit: int | None = None,
+def get_dataset(key: str, root: str | Path | None, split: str | None = None, *, limit: int | None = None,
                 class_names: list[str] | None = None) -> SegDataset:
     """Open one split of a benchmark under a data root (the folder holding VOCdevkit/, coco_stuff164k/, ...).
 
@@ -378,6 +378,11 @@ def get_dataset(key: str, root: str | Path, split: str | None = None, *, limit: 
     samples in split order. class_names replaces the names (same count, same label order), e.g. a
     named alternative set from `ovss.data.names`.
     """
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {key!r}; available: {', '.join(DATASETS)}")
-    return DATASETS[key](root, split, limit=limit, class_names=class_names)
+    known = {**DATASETS, **TOY_DATASETS}
+    if key not in known:
+        raise ValueError(f"unknown dataset {key!r}; available: {', '.join(known)}")
+    return known[key](root, split, limit=limit, class_names=class_names)
+
+
+# The generated toy benchmarks (root=None); imported last because they subclass SegDataset.
+from ovss.data.toy import TOY_DATASETS  # noqa: E402
