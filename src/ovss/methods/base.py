@@ -54,6 +54,10 @@ class Method:
     #: dtype used on CUDA when the caller does not choose one (the dtype behind the paper's numbers)
     cuda_dtype: ClassVar[str] = "float16"
     default_batch_size: ClassVar[int] = 1
+    #: evaluation protocol behind the paper's numbers (`ovss eval` default): "candidates", "tcl", "ovdiff", ...
+    paper_protocol: ClassVar[str | None] = None
+    #: class-name spellings the paper used (a key of ovss.data.names.NAME_SETS), when it differs from the dataset's
+    name_set: ClassVar[str | None] = None
 
     def __init__(self, config: Any, models: None | str | dict[str, str] = None, *, device: str | None = None,
                  dtype: str | None = None) -> None:

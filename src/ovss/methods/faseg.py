@@ -169,6 +169,8 @@ class FASeg(Method):
     roles = ("diffusion", "captioner", "tagger")
     cuda_dtype = "float16"
     default_batch_size = 4
+    paper_protocol = "candidates"
+    name_set = "faseg"  # "dining table", "potted plant", "tv monitor", COCO's official names
 
     @property
     def resolution(self) -> int:
