@@ -393,3 +393,11 @@ def test_segment_many_equals_single_calls(make):
         s = np.sort(one.scores_lowres, axis=0)
         decided = s[-1] - s[-2] > 1e-3  # pixels whose decision does not hang on rounding
         assert decided.mean() > 0.9 and np.array_equal(m.labels[decided], one.labels[decided])
+
+
+def test_huge_image_labels_at_full_size_scores_capped(make):
+    img = Image.new("RGB", (6000, 4000), (30, 120, 200))
+    out = make(candidates="all").segment(img, classes=["sky", "grass"])
+    assert out.labels.shape == (4000, 6000)
+    assert out.scores_lowres.shape == (3, 683, 1024)  # long side capped; labels decided at full size
+    assert out.scores.shape == (3, 4000, 6000)

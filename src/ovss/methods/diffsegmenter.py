@@ -46,6 +46,8 @@ CROSS_WEIGHTS = (0.3, 0.5, 0.1, 0.1)
 TIMESTEP = 100
 #: τ is unpublished (the official evaluation sweeps 0.30…0.74 on the eval split): a provisional mid-sweep value.
 BG_THRESHOLD = 0.5
+#: long side of the score maps a Segmentation keeps (labels are always decided at the image's size)
+SCORES_MAX_SIDE = 1024
 
 _SLOT = re.compile(r"(?<!\S)\{\}(?!\S)")
 
@@ -226,6 +228,12 @@ def image_scores(maps: torch.Tensor, size_hw: tuple[int, int], normalize_at: str
     return minmax(resize_scores(maps, size_hw), dims=(1, 2))
 
 
+def _capped(size_hw: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """size_hw scaled down (aspect kept) so that its long side is at most max_side."""
+    scale = min(1.0, max_side / max(size_hw))
+    return max(1, round(size_hw[0] * scale)), max(1, round(size_hw[1] * scale))
+
+
 def _selection(prompts: Sequence[ClassPrompt], length: int) -> torch.Tensor:
     sel = torch.zeros(len(prompts), length)
     for i, p in enumerate(prompts):
@@ -358,7 +366,10 @@ class DiffSegmenter(Method):
         size_hw = (image.height, image.width)
         classes = (["background"] if request.background else []) + vocab
         offset = 1 if request.background else 0
-        scores = torch.zeros(len(classes), *size_hw)
+        # Labels are decided at H×W (the per-class min-max is defined there); the kept score maps are capped so a
+        # huge image over a long vocabulary stays small (Segmentation.scores upsamples them on access).
+        keep_hw = _capped(size_hw, SCORES_MAX_SIDE)
+        scores = torch.zeros(len(classes), *keep_hw)
         if request.background:
             scores[0] = tau
         meta = {"method": self.name, "candidates": candidates, "bg_threshold": tau if request.background else None,
@@ -368,7 +379,7 @@ class DiffSegmenter(Method):
             return Segmentation(np.zeros(size_hw, dtype=np.int64), scores.numpy(), classes, meta)
         s = image_scores(maps, size_hw, self.config.normalize_at).cpu()
         index = torch.tensor([offset + vocab.index(c) for c in candidates])
-        scores[index] = s
+        scores[index] = resize_scores(s, keep_hw)
         if request.background:
             lut = torch.cat([torch.zeros(1, dtype=torch.long), index])
             labels = lut[labels_with_background(s, tau, ties="background")]
