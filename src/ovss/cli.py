@@ -551,6 +551,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: Any) -> None:
+    from ovss.serve.app import MAX_PIXELS, MAX_UPLOAD_BYTES, MODEL_PRESETS
+
     p = sub.add_parser(
         "serve", formatter_class=_Formatter, help="a local web app: upload an image, name classes, look",
         description="Serve a web page (Gradio; needs `pip install 'ovss[web]'`) to segment uploaded images or\n"
@@ -563,15 +565,16 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; 0.0.0.0 exposes the app to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--models", choices=("toy", "tiny", "paper"), default="toy",
+    p.add_argument("--models", choices=MODEL_PRESETS, default="toy",
                    help="models preset selected in the page (default: toy; tiny random-weight models stand in "
                         "until the toy models are installed)")
     p.add_argument("--methods", default=None, help="comma-separated methods to offer (default: all)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
-    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest accepted upload in MiB (default: 25)")
-    p.add_argument("--max-megapixels", type=float, default=50.0,
-                   help="largest accepted image in megapixels, checked before decoding (default: 50)")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                   help="largest accepted upload in MiB (default: %(default)g)")
+    p.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
+                   help="largest accepted image in megapixels, checked before decoding (default: %(default)g)")
     p.set_defaults(func=_cmd_serve)
 
 
