@@ -578,7 +578,257 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_segment, _add_methods, _add_demo, _add_eval, _add_serve]
+# -- ovss prototypes ----------------------------------------------------------------------------------
+
+
+def _dataset_classes(key: str) -> list[str]:
+    """--dataset: the benchmark's foreground names, in OVDiff's spelling where its name set covers them."""
+    from ovss.data.names import DATASET_CLASSES, class_names
+
+    if key not in DATASET_CLASSES:
+        raise CLIError(f"unknown dataset {key!r}; available: {', '.join(DATASET_CLASSES)}")
+    try:
+        names = class_names(key, "ovdiff")
+    except ValueError:
+        names = class_names(key)
+    return [n for n in names if n != BACKGROUND]
+
+
+def _cmd_prototypes_build(args: argparse.Namespace) -> int:
+    from ovss.banks.storage import parse_shard
+
+    classes = _dataset_classes(args.dataset) if args.dataset else read_classes(args.classes, args.classes_file)
+    try:
+        shard = None if args.shard is None else parse_shard(args.shard)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    method_cls = get_method_class("ovdiff")
+    config = config_overrides(method_cls, args.set or [], args.seed)
+    config.update(cache_dir=str(prepare_out_dir(Path(args.cache))), build_missing=True)
+    models = parse_models(args.models)
+    try:
+        method = ovss.create("ovdiff", models=models, device=args.device, dtype=args.dtype, **config)
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    except (RuntimeError, OSError) as err:
+        raise CLIError(f"could not load the ovdiff models: {err}", code=1) from None
+    try:
+        status = method.build_prototypes(classes, shard=shard, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"ovss prototypes: interrupted; finished classes are kept in {args.cache}: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    built = sum(s == "built" for s in status.values())
+    where = "" if shard is None else f" (shard {shard[0]}/{shard[1]}: {len(status)} of {len(classes)} classes)"
+    print(f"ovss prototypes: {built} class(es) built, {len(status) - built} already cached{where}; cache {args.cache}")
+    return 0
+
+
+_PROTOTYPES_EPILOG = """\
+Every class is built once (sampling N support images, masks, features, prototypes) and stored under
+CACHE/<class>/<settings hash>/ as safetensors + a JSON manifest; reruns skip finished classes, an
+interrupted class is redone, and any vocabulary containing a class reuses it. `ovss segment -m ovdiff
+--set cache_dir=CACHE` then reads them. Settings that change prototypes (models, --set ...) must match
+between building and segmenting, or the classes are built again.
+
+Examples:
+  ovss prototypes build -c "cat,dog,sofa" --cache ~/ovdiff-cache
+  ovss prototypes build --dataset voc21 --cache /shared/ovdiff --shard 0/4     # machine 1 of 4
+  ovss prototypes build --classes-file mine.txt --cache c/ --set feature_extractors=sd,dino
+  ovss prototypes build -c cat,dog --cache /tmp/c --models tiny --set n_support=4 --set steps=2"""
+
+
+def _add_prototypes(sub: Any) -> None:
+    p = sub.add_parser("prototypes", formatter_class=_Formatter, help="OVDiff's per-class prototype cache",
+                       description="Manage OVDiff's prototype cache (support sets and prototypes per class).")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = actions.add_parser("build", formatter_class=_Formatter, help="build prototypes for a list of classes",
+                           description="Sample support sets and compute OVDiff prototypes for every class that the\n"
+                                       "cache does not hold yet, with a progress bar per class and overall.",
+                           epilog=_PROTOTYPES_EPILOG)
+    cls = b.add_mutually_exclusive_group(required=True)
+    cls.add_argument("-c", "--classes", help='comma-separated class names, e.g. "cat,dog,sofa"')
+    cls.add_argument("--classes-file", metavar="FILE", help="file of class names (one a line or comma-separated)")
+    cls.add_argument("--dataset", metavar="KEY", help="a benchmark's class names, e.g. voc21, context60, ade20k")
+    b.add_argument("--cache", required=True, metavar="DIR", help="cache folder (created if missing; may be shared)")
+    b.add_argument("--shard", metavar="I/N", help="build only shard I of N (0-based; every N-th class from I)")
+    b.add_argument("--models", default=None, metavar="SPEC", help="paper (default), tiny, toy or role=SOURCE,...")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of OVDiff's Config (repeatable)")
+    b.add_argument("--seed", type=int, default=None, help="support-set seed (default: the paper's 42)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    b.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16 on CUDA)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_cmd_prototypes_build)
+
+
+# -- ovss bank ----------------------------------------------------------------------------------------
+
+
+def _bank_index_after(bank: Path, kind: str) -> None:
+    if kind != "none":
+        from ovss.banks.index import build_index
+
+        print(f"ovss bank: {kind} index written to {build_index(bank, kind)}", file=sys.stderr)
+
+
+def _cmd_bank_build(args: argparse.Namespace) -> int:
+    from ovss.banks.bank import BankError, shard_range
+    from ovss.banks.storage import parse_shard
+    from ovss.banks.build import BuildConfig, build_local, build_ray, make_models, read_captions
+
+    shard = None
+    try:
+        if args.shard is not None:
+            shard = parse_shard(args.shard)
+        captions = read_captions(args.captions, args.limit)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--captions {args.captions}: {getattr(err, 'strerror', None) or err}"
+                       if isinstance(err, OSError) else str(err)) from None
+    if shard is not None and args.ray is not None:
+        raise CLIError("--shard and --ray exclude each other: Ray splits the captions itself")
+    options = config_overrides(types.SimpleNamespace(Config=BuildConfig, name="bank build"), args.set or [], args.seed)
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
+    try:
+        config = BuildConfig(**options)
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    models = parse_models(args.models)
+    out = prepare_out_dir(Path(args.out))
+    try:
+        if args.ray is not None:
+            reports, bank = build_ray(args.captions, out, config, workers=args.ray, n_shards=args.shards,
+                                      limit=args.limit, models=models, device=args.device, dtype=args.dtype,
+                                      build_dir=args.build_dir)
+            built = sum(int(r["captions"]) for r in reports)
+            seconds = max((float(r["seconds"]) for r in reports), default=0.0)
+        else:
+            model_set = make_models(models, args.device, args.dtype)
+            start, end = shard_range(len(captions), *(shard or (0, 1)), align=config.batch_size)
+            with tqdm(total=end - start, unit="caption", desc="bank build") as bar:
+                report, bank = build_local(captions, out, config, model_set, shard=shard, build_dir=args.build_dir,
+                                           progress=bar.update)
+            built, seconds = report.captions, report.seconds
+    except BankError as err:
+        raise CLIError(str(err), code=1) from None
+    rate = f"; {built / seconds:.2f} captions/s" if built and seconds > 0 else ""
+    if bank is None:
+        print(f"ovss bank build: shard {args.shard} done ({built} captions built{rate}); merge all shards with "
+              f"`ovss bank merge {args.build_dir or out / 'shards'} -o BANK`", file=sys.stderr)
+        return 0
+    print(f"ovss bank build: bank written to {bank} ({built} captions built{rate})", file=sys.stderr)
+    _bank_index_after(bank, args.index)
+    return 0
+
+
+def _cmd_bank_merge(args: argparse.Namespace) -> int:
+    from ovss.banks.bank import Bank, BankError, merge_shards
+
+    try:
+        bank = merge_shards(args.shards, args.out)
+        n = len(Bank(bank))
+    except BankError as err:
+        raise CLIError(str(err), code=1) from None
+    print(f"ovss bank merge: {n} rows in {bank}", file=sys.stderr)
+    _bank_index_after(bank, args.index)
+    return 0
+
+
+def _cmd_bank_index(args: argparse.Namespace) -> int:
+    from ovss.banks.bank import BankError
+    from ovss.banks.index import build_index
+
+    try:
+        path = build_index(args.bank, args.kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+    except BankError as err:
+        raise CLIError(str(err), code=1) from None
+    print(f"ovss bank index: {args.kind} index written to {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bank_convert(args: argparse.Namespace) -> int:
+    from ovss.banks.bank import BankError
+    from ovss.banks.convert import convert_release
+
+    try:
+        bank = convert_release(args.index, args.prototypes, args.out, clip=args.clip, dinov2=args.dinov2)
+    except (BankError, OSError, RuntimeError) as err:
+        raise CLIError(str(err), code=1) from None
+    print(f"ovss bank convert: {len(bank)} rows in {bank.root}", file=sys.stderr)
+    return 0
+
+
+_BANK_EPILOG = """\
+Examples:
+  ovss bank build --captions captions_train2017.json -o banks/coco          # one process, then merged
+  ovss bank build --captions caps.txt -o banks/mine --index hnsw --set steps=30
+  ovss bank build --captions caps.json -o banks/coco --shard 3/8           # one of 8 manual splits
+  ovss bank merge banks/coco/shards -o banks/coco                          # after all 8 finished
+  ovss bank build --captions caps.json -o /shared/banks/coco --ray 8       # Ray Data, one GPU per worker
+  ovss bank index banks/coco --kind flat
+  ovss bank convert --index release/knn.index --prototypes release/prototypes -o banks/release
+  ovss segment photo.jpg -m freeda -c "cat,sofa" --set bank=banks/coco -o out/
+
+Rerunning an interrupted build resumes it: finished captions are never redone. docs/methods/freeda.md
+describes the bank format and a COCO-scale build on a Ray cluster."""
+
+
+def _add_bank(sub: Any) -> None:
+    p = sub.add_parser(
+        "bank", formatter_class=_Formatter, help="build, merge, index or convert a FreeDA prototype bank",
+        description="FreeDA's offline stage: generate an image per caption with Stable Diffusion, turn each caption\n"
+                    "noun's cross-attention into a mask, pool DINOv2 features inside it (the prototype) and embed\n"
+                    "the noun in its caption with CLIP (the key). Banks are safetensors parts + a JSON manifest.",
+        epilog=_BANK_EPILOG)
+    bank_sub = p.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+    index_kinds = ("flat", "hnsw", "none")
+
+    b = bank_sub.add_parser("build", formatter_class=_Formatter, help="build a bank (or one shard) from captions",
+                            epilog=_BANK_EPILOG)
+    b.add_argument("--captions", required=True, metavar="FILE",
+                   help="COCO captions JSON, JSON/JSONL records {id, text}, or a text file (one caption a line)")
+    b.add_argument("-o", "--out", required=True, metavar="BANK", help="bank folder (shards go to BANK/shards)")
+    b.add_argument("--shard", metavar="I/N", help="build only shard I of N (0-based); merge them afterwards")
+    b.add_argument("--build-dir", metavar="DIR", help="where shards are written (default: BANK/shards)")
+    b.add_argument("--ray", type=int, metavar="WORKERS", help="build on Ray with this many workers, then merge")
+    b.add_argument("--shards", type=int, metavar="N", help="shards for --ray (default: 4 per worker)")
+    b.add_argument("--limit", type=int, metavar="N", help="only the first N captions")
+    b.add_argument("--index", choices=index_kinds, default="flat", help="index to build after merging (default: flat)")
+    b.add_argument("--models", default=None, metavar="SPEC", help="paper (default), tiny or role=SOURCE,...")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a BuildConfig field, e.g. steps=50, guidance=7.5, gamma=0.45, alpha=0.9 (repeatable)")
+    b.add_argument("--seed", type=int, default=None, help="base noise seed (each caption derives its own)")
+    b.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="captions per generation batch (default: 4); every shard of a bank must use the same")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    b.add_argument("--dtype", default=None, help="generator dtype (default: float16 on CUDA)")
+    b.set_defaults(func=_cmd_bank_build)
+
+    m = bank_sub.add_parser("merge", formatter_class=_Formatter, help="merge finished shards into one bank")
+    m.add_argument("shards", nargs="+", metavar="SHARD", help="shard folders, or folders holding shard-* folders")
+    m.add_argument("-o", "--out", required=True, metavar="BANK", help="bank folder")
+    m.add_argument("--index", choices=index_kinds, default="flat", help="index to build after merging (default: flat)")
+    m.set_defaults(func=_cmd_bank_merge)
+
+    x = bank_sub.add_parser("index", formatter_class=_Formatter, help="(re)build the faiss index beside a bank")
+    x.add_argument("bank", metavar="BANK")
+    x.add_argument("--kind", choices=("flat", "hnsw"), default="flat", help="exact inner product (default) or HNSW")
+    x.add_argument("--hnsw-m", type=int, default=32, metavar="M", help="HNSW graph degree (default: 32)")
+    x.add_argument("--ef-construction", type=int, default=200, metavar="N", help="HNSW build depth (default: 200)")
+    x.set_defaults(func=_cmd_bank_index)
+
+    c = bank_sub.add_parser("convert", formatter_class=_Formatter, help="convert the authors' released collection")
+    c.add_argument("--index", required=True, metavar="FILE", help="the release's knn.index (or its folder)")
+    c.add_argument("--prototypes", required=True, metavar="DIR", help="the release's folder of .npy prototypes")
+    c.add_argument("-o", "--out", required=True, metavar="BANK", help="bank folder")
+    c.add_argument("--clip", default="openai/clip-vit-large-patch14", help="the CLIP that made the keys")
+    c.add_argument("--dinov2", default="facebook/dinov2-large", help="the DINOv2 that made the prototypes")
+    c.set_defaults(func=_cmd_bank_convert)
+
+
+COMMANDS: list[Callable[[Any], None]] = [
+    _add_segment, _add_methods, _add_demo, _add_eval, _add_serve, _add_prototypes, _add_bank,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
