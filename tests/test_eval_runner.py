@@ -292,6 +292,24 @@ def test_method_without_score_crop_falls_back_and_says_so(voc, tmp_path):
     assert res["inference"] == "segment (fallback)" and any("score_crop" in n for n in res["notes"])
 
 
+class OwnGeometry(Windowed):
+    """Applies its paper protocol's resize and windows inside segment() (as OVDiff does)."""
+
+    paper_protocol = "tcl"
+    own_geometry = True
+
+
+def test_method_with_own_geometry_gets_the_original_image(voc, tmp_path):
+    seg = OwnGeometry()
+    res = evaluate(cfg(voc, tmp_path / "run", protocol="tcl"), seg)
+    originals = [Image.open(p).size for p in sorted((voc / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))]
+    assert sorted(seg.sizes) == sorted(originals) and not seg.crops  # no pre-resize, no runner windows
+    assert "itself" in res["inference"]
+    other = OwnGeometry()
+    evaluate(cfg(voc, tmp_path / "other", protocol="sclip"), other)  # not its paper protocol: the runner's geometry
+    assert other.crops and not other.sizes
+
+
 def test_resume_after_a_crash_recomputes_nothing(voc, tmp_path):
     clean = evaluate(cfg(voc, tmp_path / "clean"), Painter())
     out = tmp_path / "run"

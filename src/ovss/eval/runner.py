@@ -272,6 +272,7 @@ class _Plan:
     background_scored: bool  # score_crop returns a background channel itself
     method_options: dict[str, Any]
     settings: dict[str, Any]  # what the cached predictions depend on, besides the method's config and models
+    own_geometry: bool = False  # the method applies this protocol's resize and windows itself: give it the original
 
     @property
     def foreground(self) -> list[str]:
@@ -367,7 +368,8 @@ def _plan(cfg: EvalConfig, method_cls: type) -> _Plan:
     elif cfg.candidates_file is not None:
         raise EvalConfigError(f"--candidates-file applies to the candidates protocol only (this run: {proto.name})")
 
-    windows = proto.sliding and callable(getattr(method_cls, "score_crop", None))
+    own_geometry = method_cls.own_geometry and proto.name == method_cls.paper_protocol
+    windows = proto.sliding and not own_geometry and callable(getattr(method_cls, "score_crop", None))
     background_scored = windows and background and bool(getattr(method_cls, "background_scores", False))
     taus = None
     if cfg.sweep_threshold is not None:
@@ -391,7 +393,7 @@ def _plan(cfg: EvalConfig, method_cls: type) -> _Plan:
         "inference": "windows" if windows else "segment",
     })
     return _Plan(ds, proto, list(ds.class_names), source, background, candidates, cand_info, taus, windows,
-                 background_scored, options, settings)
+                 background_scored, options, settings, own_geometry)
 
 
 def _check_cache(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -529,7 +531,7 @@ class _Run:
     def load_fresh(self, sample: Sample) -> _Item:
         image = _as_stored(self.ds.load_image(sample))
         proto = self.plan.protocol
-        model_input = image if proto.vocabulary == "candidates" else proto.prepare(image)
+        model_input = image if proto.vocabulary == "candidates" or self.plan.own_geometry else proto.prepare(image)
         return _Item(sample, self.ds.load_label(sample), model_input)
 
     # predictions ---------------------------------------------------------------------------------------
@@ -713,7 +715,9 @@ def _results(cfg: EvalConfig, plan: _Plan, run: _Run, segmenter: Any, timing: di
     proto, ds = plan.protocol, plan.dataset
     summary = run.scorer.cm.summary(plan.names)
     notes = []
-    if proto.sliding and not plan.windows:
+    if plan.own_geometry:
+        inference = f"segment (the method applies the {proto.name} resize and windows itself)"
+    elif proto.sliding and not plan.windows:
         inference = "segment (fallback)"
         notes.append(f"{cfg.method} has no score_crop: segment() ran on the whole {proto.name}-resized image, "
                      "without the protocol's sliding windows; the geometry differs from the protocol's.")

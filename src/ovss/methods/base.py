@@ -56,6 +56,9 @@ class Method:
     default_batch_size: ClassVar[int] = 1
     #: evaluation protocol behind the paper's numbers (`ovss eval` default): "candidates", "tcl", "ovdiff", ...
     paper_protocol: ClassVar[str | None] = None
+    #: True: segment() applies its paper protocol's resize and windows itself (OVDiff), so `ovss eval` passes it
+    #: the original image under that protocol instead of a pre-resized one
+    own_geometry: ClassVar[bool] = False
     #: class-name spellings the paper used (a key of ovss.data.names.NAME_SETS), when it differs from the dataset's
     name_set: ClassVar[str | None] = None
 

@@ -641,6 +641,7 @@ class OVDiff(Method):
     cuda_dtype = "float16"
     default_batch_size = 1
     paper_protocol = "ovdiff"
+    own_geometry = True  # LANCZOS to short side 448, windows 448/336 + whole image, inside segment()
     name_set = "ovdiff"
 
     def __init__(self, *args, **kwargs) -> None:
