@@ -99,8 +99,8 @@ class _CaptureProcessor:
             outputs.append(torch.bmm(probs, _merge_heads(value[:, heads])).view(batch, -1, n_query, head_dim))
             if extra_keys is not None:
                 probs = torch.cat([attn.get_attention_scores(q, _merge_heads(k[:, heads])) for k in extra_keys], -1)
-            cap._add(self.kind, self.factor, probs.reshape(batch, -1, n_query, probs.shape[-1]), grid)
-        cap._count_layer(self.kind, self.factor)
+            cap.accumulate(self.kind, self.factor, probs.reshape(batch, -1, n_query, probs.shape[-1]), grid)
+        cap.end_layer(self.kind, self.factor)
 
         hidden_states = torch.cat(outputs, 1).transpose(1, 2).reshape(batch, n_query, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -212,7 +212,10 @@ class AttentionCapture:
         self._layer_counts: dict[tuple[str, int], int] = {}
         self._grids: dict[int, tuple[int, int]] = {}
 
-    def _add(self, kind: str, factor: int, probs: torch.Tensor, grid: tuple[int, int]) -> None:
+    # Extension hooks: the capture processors call accumulate() once per head chunk and end_layer() once per
+    # layer call. A subclass overrides them to reduce maps differently (ovss.diffusion.sampling keeps only the
+    # conditional half of a CFG batch and chosen tokens, per step).
+    def accumulate(self, kind: str, factor: int, probs: torch.Tensor, grid: tuple[int, int]) -> None:
         """Add (B, heads, Nq, T) probabilities, summed over heads in float32, to the running sum."""
         key = (kind, factor)
         summed = probs.sum(1, dtype=torch.float32)
@@ -226,7 +229,8 @@ class AttentionCapture:
         self._n_maps[key] = self._n_maps.get(key, 0) + probs.shape[1]
         self._grids[factor] = grid
 
-    def _count_layer(self, kind: str, factor: int) -> None:
+    def end_layer(self, kind: str, factor: int) -> None:
+        """One layer's call is complete (its heads were all passed to accumulate)."""
         self._layer_counts[(kind, factor)] = self._layer_counts.get((kind, factor), 0) + 1
 
     def _means(self, kind: str) -> dict[int, torch.Tensor]:

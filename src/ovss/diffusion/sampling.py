@@ -93,10 +93,10 @@ class _DAAMCapture(AttentionCapture):
         self._weight = 0.0
         self.cross_calls = 0
 
-    def _add(self, kind: str, factor: int, probs: torch.Tensor, grid: tuple[int, int]) -> None:
+    def accumulate(self, kind: str, factor: int, probs: torch.Tensor, grid: tuple[int, int]) -> None:
         probs = probs[self.cond_start:]
         if kind != _CROSS:
-            super()._add(kind, factor, probs, grid)
+            super().accumulate(kind, factor, probs, grid)
             return
         b, heads, n, t = probs.shape
         if self.positions is not None:
@@ -111,9 +111,9 @@ class _DAAMCapture(AttentionCapture):
         self._pending[factor] = summed if factor not in self._pending else self._pending[factor] + summed
         self._pending_heads[factor] = self._pending_heads.get(factor, 0) + heads
 
-    def _count_layer(self, kind: str, factor: int) -> None:
+    def end_layer(self, kind: str, factor: int) -> None:
         if kind != _CROSS:
-            super()._count_layer(kind, factor)
+            super().end_layer(kind, factor)
             return
         pending, heads = self._pending.pop(factor), self._pending_heads.pop(factor)
         scale = 1.0 if self.head_average == "global" else 1.0 / heads
