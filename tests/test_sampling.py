@@ -124,13 +124,13 @@ def test_self_maps_are_row_stochastic(dm):
 def test_daam_equals_brute_force_over_conditional_half(dm, monkeypatch):
     """DAAM store == mean over (step, layer, head) of clamped bicubic maps of the conditional half."""
     records = []
-    original = sampling._DAAMCapture._add
+    original = sampling._DAAMCapture.accumulate
 
     def recording(self, kind, factor, probs, grid):
         records.append((kind, probs.detach().clone(), tuple(grid), self.cond_start))
         return original(self, kind, factor, probs, grid)
 
-    monkeypatch.setattr(sampling._DAAMCapture, "_add", recording)
+    monkeypatch.setattr(sampling._DAAMCapture, "accumulate", recording)
     positions = [3, 4]
     res = sample(dm, ["a good picture of a cat"], steps=2, guidance=8.0, seeds=[9], height=SIZE, width=SIZE,
                  capture_cross=ALL_FACTORS, token_positions=[positions], upsample="bicubic")
