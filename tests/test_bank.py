@@ -188,15 +188,14 @@ def test_builder_entries_match_a_restatement_of_the_spec(models, captions):
     spans = [noun_token_positions(dm.tokenizer, cap.text, n) for n in nouns]
     res = build_mod.sample(dm, [cap.text], steps=2, guidance=7.5, scheduler="default",
                            seeds=[caption_seed(0, cap.key)], height=64, width=64, capture_cross=(1, 2, 4, 8),
-                           token_positions=[sum(spans, [])])
+                           token_positions=[sum(spans, [])], cross_size=(64, 64))
     x = F.interpolate(res.images, size=(518, 518), mode="bilinear", align_corners=False)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     v = dino.model(pixel_values=x).last_hidden_state[0, 1:].reshape(37, 37, -1)
     start, protos, kept = 0, [], []
     for noun, span in zip(nouns, spans):
-        a = F.interpolate(res.cross[0][start:start + len(span)].mean(0)[None, None], size=(64, 64), mode="bilinear",
-                          align_corners=False)[0, 0]
+        a = res.cross[0][start:start + len(span)].mean(0)  # each scale upsampled once, straight to the image
         start += len(span)
         mm = (a - a.min()) / (a.max() - a.min())
         m = F.interpolate((torch.sigmoid(2 * mm - 1) > 0.45).float()[None, None], size=(37, 37), mode="bilinear",

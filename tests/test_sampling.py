@@ -149,3 +149,29 @@ def test_daam_equals_brute_force_over_conditional_half(dm, monkeypatch):
     assert len(records) == 2 * _n_cross_layers(dm)
     assert torch.allclose(res.cross[0], brute("cond"), atol=1e-6)
     assert not torch.allclose(res.cross[0], brute("uncond"), atol=1e-4)
+
+
+def test_bilinear_cross_maps_go_straight_to_cross_size(dm, monkeypatch):
+    """cross_size: every (step, layer, head) map upsampled once, bilinearly, straight to that size, then averaged."""
+    records = []
+    original = sampling._DAAMCapture.accumulate
+
+    def recording(self, kind, factor, probs, grid):
+        records.append((probs.detach().clone(), tuple(grid)))
+        return original(self, kind, factor, probs, grid)
+
+    monkeypatch.setattr(sampling._DAAMCapture, "accumulate", recording)
+    positions, size = [3, 4], (SIZE, SIZE)
+    res = sample(dm, ["a good picture of a cat"], steps=2, guidance=8.0, seeds=[9], height=SIZE, width=SIZE,
+                 capture_cross=ALL_FACTORS, token_positions=[positions], cross_size=size)
+    maps = []
+    for probs, grid in records:
+        for head in range(probs.shape[1]):
+            m = probs[1:][0, head][:, positions].T.reshape(len(positions), *grid)[None].float()
+            maps.append(F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0])
+    assert res.cross[0].shape == (len(positions), *size)
+    assert torch.allclose(res.cross[0], torch.stack(maps).mean(0), atol=1e-6)
+    on_latent = sample(dm, ["a good picture of a cat"], steps=2, guidance=8.0, seeds=[9], height=SIZE, width=SIZE,
+                       capture_cross=ALL_FACTORS, token_positions=[positions]).cross[0]
+    twice = F.interpolate(on_latent[None], size=size, mode="bilinear", align_corners=False)[0]
+    assert not torch.allclose(res.cross[0], twice, atol=1e-6)  # two interpolations are not one

@@ -220,7 +220,8 @@ class Builder:
                         seeds=[caption_seed(cfg.seed, captions[i].key) for i in todo], height=self.resolution,
                         width=self.resolution, capture_cross=self.cross_factors, token_positions=positions,
                         upsample="bicubic" if cfg.attn_upsample == "bicubic_clamp" else "bilinear",
-                        head_average=cfg.head_average)
+                        head_average=cfg.head_average,
+                        cross_size=None if cfg.attn_upsample == "bicubic_clamp" else (self.resolution,) * 2)
         feats = dense_features(dino, result.images, cfg.dino_size).cpu()  # (B, gh, gw, D)
         protos, rows = [], []
         for b, i in enumerate(todo):
@@ -228,8 +229,10 @@ class Builder:
             for noun, span in plans[i]:
                 token_maps = maps[start:start + len(span)]
                 start += len(span)
-                attribution = F.interpolate(token_maps.mean(0)[None, None], size=result.images.shape[-2:],
-                                            mode="bilinear", align_corners=False)[0, 0]
+                attribution = token_maps.mean(0)  # each attention scale upsampled once, straight to the image
+                if attribution.shape != result.images.shape[-2:]:  # bicubic_clamp: DAAM's 64² maps, then the image
+                    attribution = F.interpolate(attribution[None, None], size=result.images.shape[-2:],
+                                                mode="bilinear", align_corners=False)[0, 0]
                 mask = weak_mask(attribution, cfg.gamma)
                 if mask is None:
                     continue

@@ -33,7 +33,7 @@ _CROSS, _SELF = "cross", "self"
 class SampleResult:
     """images: (B, 3, H, W) float32 in [0, 1] on the CPU.
 
-    cross: per prompt, (P_i, h, w) float32 on the latent grid: the mean over steps × captured cross layers ×
+    cross: per prompt, (P_i, h, w) float32 on the latent grid (or `cross_size`): the mean over steps × captured cross layers ×
     heads of the attention probability of each requested token position (all 77 tokens when
     `token_positions` was None); None when no cross layer was captured.
     self_maps: factor -> (B, n, n) mean self-attention (rows = queries) with `self_grids[factor]` = (h_f, w_f).
@@ -79,10 +79,11 @@ class _DAAMCapture(AttentionCapture):
 
     def __init__(self, unet: torch.nn.Module, *, cross: Iterable[int], self_attn: Iterable[int],
                  positions: torch.Tensor | None, latent_hw: tuple[int, int], upsample: Upsample,
-                 head_average: HeadAverage) -> None:
+                 head_average: HeadAverage, out_hw: tuple[int, int] | None = None) -> None:
         super().__init__(unet, cross=cross, self_attn=self_attn)
         self.positions = positions  # (B, P) token indices, or None for all tokens
         self.latent_hw = latent_hw
+        self.out_hw = tuple(out_hw or latent_hw)  # where bilinear maps end up (each factor upsampled once)
         self.upsample = upsample
         self.head_average = head_average
         self.cond_start = 0  # index of the first conditional row of the UNet batch
@@ -132,8 +133,8 @@ class _DAAMCapture(AttentionCapture):
         if self.upsample == "bicubic":
             total = self._latent_sum
         else:  # bilinear is linear: upsampling each factor's sum once equals upsampling every map
-            total = sum(m if tuple(m.shape[-2:]) == self.latent_hw
-                        else F.interpolate(m, size=self.latent_hw, mode="bilinear", align_corners=False)
+            total = sum(m if tuple(m.shape[-2:]) == self.out_hw
+                        else F.interpolate(m, size=self.out_hw, mode="bilinear", align_corners=False)
                         for m in self._by_factor.values())
         return total / self._weight
 
@@ -145,7 +146,8 @@ def sample(dm: DiffusionModels, prompts: Sequence[str], *, steps: int, guidance:
            height: int | None = None, width: int | None = None, capture_cross: Iterable[int] = (),
            capture_self: Iterable[int] = (), token_positions: Sequence[Sequence[int]] | None = None,
            upsample: Upsample = "bilinear", head_average: HeadAverage = "global", return_latents: bool = False,
-           batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> SampleResult:
+           batch_size: int | None = None, progress: Callable[[int], None] | None = None,
+           cross_size: tuple[int, int] | None = None) -> SampleResult:
     """Generate one image per prompt, recording attention; see SampleResult.
 
     CFG: ε = ε_u + guidance·(ε_c − ε_u) with the negative prompt as the unconditional branch; guidance 1 runs
@@ -153,6 +155,8 @@ def sample(dm: DiffusionModels, prompts: Sequence[str], *, steps: int, guidance:
     `latents` (B, C, h, w) to supply the initial noise yourself. capture_cross / capture_self: UNet
     downsampling factors (1 = latent grid) whose attn2 / attn1 layers are recorded. batch_size: prompts per
     UNet call (results do not depend on it). progress: called with 1 after every denoising step.
+    cross_size: (h, w) the bilinear cross maps are brought to, each attention scale upsampled once (FreeDA
+    upsamples every scale straight to the image); default the latent grid. Bicubic maps stay on the latent grid.
     """
     prompts = list(prompts)
     n = len(prompts)
@@ -179,7 +183,7 @@ def sample(dm: DiffusionModels, prompts: Sequence[str], *, steps: int, guidance:
             seeds=None if seeds is None else list(seeds[sl]), latents=None if latents is None else latents[sl],
             height=height, width=width, capture_cross=tuple(capture_cross), capture_self=tuple(capture_self),
             token_positions=None if token_positions is None else token_positions[sl], upsample=upsample,
-            head_average=head_average, return_latents=return_latents, progress=progress))
+            head_average=head_average, return_latents=return_latents, progress=progress, cross_size=cross_size))
     return _concat(parts)
 
 
@@ -187,7 +191,7 @@ def _sample_batch(dm: DiffusionModels, prompts: list[str], negatives: list[str],
                   scheduler: SchedulerName, seeds: list[int] | None, latents: torch.Tensor | None,
                   height: int | None, width: int | None, capture_cross: tuple[int, ...],
                   capture_self: tuple[int, ...], token_positions, upsample: Upsample, head_average: HeadAverage,
-                  return_latents: bool, progress) -> SampleResult:
+                  return_latents: bool, progress, cross_size: tuple[int, int] | None = None) -> SampleResult:
     unet, vae = dm.unet, dm.vae
     device, dtype = unet.device, unet.dtype
     b = len(prompts)
@@ -220,7 +224,7 @@ def _sample_batch(dm: DiffusionModels, prompts: list[str], negatives: list[str],
     sched.set_timesteps(steps, device=device)
     z = (latents.to(device=device, dtype=torch.float32) * sched.init_noise_sigma).to(dtype)
     with _DAAMCapture(unet, cross=capture_cross, self_attn=capture_self, positions=positions,
-                      latent_hw=shape[1:], upsample=upsample, head_average=head_average) as cap:
+                      latent_hw=shape[1:], upsample=upsample, head_average=head_average, out_hw=cross_size) as cap:
         cap.cond_start = b if cfg else 0
         for t in sched.timesteps:
             z_in = sched.scale_model_input(torch.cat([z, z]) if cfg else z, t)
