@@ -368,8 +368,6 @@ def _add_segment(sub: Any) -> None:
     p.set_defaults(func=_cmd_segment)
 
 
-# -- entry point --------------------------------------------------------------------------------------
-
 #: one function per subcommand; later subcommands (eval, bank, prototypes, demo, bench, serve) append here
 # -- ovss demo ----------------------------------------------------------------------------------------
 
@@ -576,6 +574,83 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
                    help="largest accepted image in megapixels, checked before decoding (default: %(default)g)")
     p.set_defaults(func=_cmd_serve)
+
+
+# -- ovss bench ---------------------------------------------------------------------------------------
+
+
+def _parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise CLIError(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if not sizes or min(sizes) < 1:
+        raise CLIError(f"--batch-sizes {text!r}: every batch size must be at least 1")
+    return sizes
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ovss.bench import BenchConfig, markdown_table, run_bench
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"-o {out}: is a folder; give a JSON file name")
+    try:
+        cfg = BenchConfig(method=args.method, models=args.models, batch_sizes=_parse_batch_sizes(args.batch_sizes),
+                          repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                          classes=args.classes, naive=args.naive, compile=args.compile, resolution=args.resolution,
+                          threads=args.threads, seed=args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    prepare_out_dir(out.parent)
+    report = run_bench(cfg)
+    write_json(out, report)
+    print(markdown_table(report))
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+_BENCH_EPILOG = """\
+Timings start from decoded images with given candidates and a given caption (the FA-Seg paper's Table 2
+excludes candidate extraction and captioning). Each batch size runs --warmup untimed and --repeats timed
+runs of the optimized method, then of the baseline on the same images: FA-Seg's naive per-image version
+(ovss.bench.naive_faseg) or DiffSegmenter's one UNet pass per class. The JSON holds every repeat's time, the
+median, IQR, min/max, images/s, peak memory (CUDA: max allocated; CPU: sampled RSS high-water), the speedup,
+the max abs score difference between the two, device, dtype, threads, versions and the date.
+
+Examples:
+  ovss bench -m faseg --models tiny -o out/bench_tiny.json                          # CPU, about a minute
+  ovss bench -m faseg --resolution 128 --batch-sizes 1 --repeats 1 --warmup 0 -o /tmp/ci.json   # seconds
+  ovss bench -m faseg --models random --batch-sizes 1 --repeats 1 --warmup 0 --no-naive --threads 2 -o cpu.json
+  ovss bench -m faseg --models random --device cuda --dtype float16 --batch-sizes 1,4,16 -o gpu.json
+  ovss bench -m diffsegmenter --models random --device cuda --classes 10 --batch-sizes 1 -o ds.json
+See benchmarks/README.md and docs/performance.md."""
+
+
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", formatter_class=_Formatter, help="time a method against its straightforward baseline",
+        description="Measure a method's speed and peak memory next to a plain implementation of the same\n"
+                    "algorithm, in the same process, and check that both give the same scores.",
+        epilog=_BENCH_EPILOG)
+    p.add_argument("-m", "--method", default="faseg", help="faseg (default) or diffsegmenter")
+    p.add_argument("--models", default="tiny",
+                   help="tiny (default; seconds) or random (full-size SD-1.5 shapes, random weights, no download)")
+    p.add_argument("--batch-sizes", default="1,4", metavar="B,B,...", help="images per call (default: 1,4)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    p.add_argument("--classes", type=int, default=3, help="candidate classes per image (default: 3, at most 20)")
+    p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the baseline, for the speedup and the output check (default: on)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (eager if compiling fails)")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="working resolution (default: the model's native size, 512 for SD-1.5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images and the method's noise (default: 0)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.json", help="report file (JSON)")
+    p.set_defaults(func=_cmd_bench)
 
 
 # -- ovss prototypes ----------------------------------------------------------------------------------
@@ -826,8 +901,11 @@ def _add_bank(sub: Any) -> None:
     c.set_defaults(func=_cmd_bank_convert)
 
 
+# -- entry point --------------------------------------------------------------------------------------
+
+
 COMMANDS: list[Callable[[Any], None]] = [
-    _add_segment, _add_methods, _add_demo, _add_eval, _add_serve, _add_prototypes, _add_bank,
+    _add_segment, _add_methods, _add_demo, _add_eval, _add_serve, _add_bench, _add_prototypes, _add_bank,
 ]
 
 

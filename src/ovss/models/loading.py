@@ -122,7 +122,8 @@ def pipeline_ddim_scheduler(config: dict[str, Any]) -> "DDIMScheduler":
 
 def load_component(kind: str, source: str, *, device: str | torch.device | None = None,
                    dtype: str | torch.dtype | None = None, role: str = "") -> Component:
-    """Load a component of `kind` from a hub id, a local folder, "tiny" (seeded random) or "toy" (shipped).
+    """Load a component of `kind` from a hub id, a local folder, "tiny" (seeded random), "toy" (shipped) or
+    "random" (full-size SD-1.5 shapes with seeded random weights, diffusion only, for benchmarks).
 
     Modules come back in eval mode with gradients off, on `device` in `dtype`.
     """
@@ -134,6 +135,13 @@ def load_component(kind: str, source: str, *, device: str | torch.device | None 
         from ovss.models.tiny import build_tiny
 
         return _finish(build_tiny(kind), dev, dt)
+    if source == "random":  # full-size SD-1.5 shapes with random weights: benchmarks only
+        if kind != "diffusion":
+            raise ModelNotFoundError(f"random full-size weights exist for the diffusion kind only, not {kind} (role "
+                                     f"{role or kind!r}): use \"tiny\" or real models for that role")
+        from ovss.models.random_full import build_random_full
+
+        return build_random_full(dev, dt)
     if source == "toy":
         folder = _toy_folder(kind, role)
         return _load_folder(kind, folder, dev, dt, role, source=folder, local_only=True)

@@ -33,18 +33,28 @@ PRESETS: dict[str, dict[str, tuple[str, str]]] = {
     "freeda": {"diffusion": ("diffusion", SD21_BASE), "dinov2": ("dinov2", DINOV2_L), "clip": ("clip", CLIP_L14)},
 }
 
+#: models="toy": method -> role -> folder of the shipped toy models (ovss.models.loading.TOY_DIR). FA-Seg's
+#: diffusion model is the rectified-flow UNet (its paper uses InstaFlow's 2-RF); the others use the ε UNet.
+TOY_PRESETS: dict[str, dict[str, str]] = {
+    "faseg": {"diffusion": "diffusion_rf", "captioner": "blip", "tagger": "clip"},
+    "diffsegmenter": {"diffusion": "diffusion", "captioner": "blip", "filter": "clip"},
+    "ovdiff": {"diffusion": "diffusion", "dino": "dino", "clip": "clip", "sam": "sam"},
+    "freeda": {"diffusion": "diffusion", "dinov2": "dinov2", "clip": "clip"},
+}
+
 #: Kinds the papers run in float32 whatever the diffusion dtype (TagCLIP, BLIP, OVDiff's and FreeDA's
 #: DINO/CLIP features); only the diffusion models follow the method's dtype (fp16 on CUDA).
 FULL_PRECISION_KINDS = frozenset({"clip", "blip", "dinov2", "dino", "sam"})
 
-_SHORTCUTS = ("tiny", "toy")
+_SHORTCUTS = ("tiny", "toy", "random")
 
 
 class ModelSet:
     """Lazy, cached models for one method: `models[role]` loads a role on first access only.
 
     models: None -> the paper's hub ids (PRESETS); "tiny" -> seeded random tiny models; "toy" -> the shipped
-    toy-world models; a dict -> the preset with those roles replaced (hub id, local folder, "tiny" or "toy").
+    toy-world models; "random" -> full-size random-weight diffusion models (benchmarks; other roles then fail
+    when loaded); a dict -> the preset with those roles replaced (hub id, local folder, "tiny", "toy", "random").
     dtype applies to the diffusion models; the other kinds load in float32 (FULL_PRECISION_KINDS) unless
     `dtypes` names a dtype for their role.
     """
@@ -61,7 +71,7 @@ class ModelSet:
         if isinstance(models, str):
             if models not in _SHORTCUTS:
                 raise ValueError(f"models={models!r} is not understood: use None (the paper's models), "
-                                 f"\"tiny\", \"toy\" or a dict role -> hub id / local folder")
+                                 f"\"tiny\", \"toy\", \"random\" or a dict role -> hub id / local folder")
             self._sources = dict.fromkeys(preset, models)
         elif isinstance(models, Mapping):
             self._check_roles(models)
@@ -83,8 +93,10 @@ class ModelSet:
     def __getitem__(self, role: str) -> Component:
         if role not in self._cache:
             self._check_roles([role])
-            self._cache[role] = load_component(self._kinds[role], self._sources[role], device=self.device,
-                                               dtype=self._dtypes[role], role=role)
+            source = self._sources[role]
+            folder = TOY_PRESETS.get(self.method, {}).get(role, role) if source == "toy" else role
+            self._cache[role] = load_component(self._kinds[role], source, device=self.device,
+                                               dtype=self._dtypes[role], role=folder)
         return self._cache[role]
 
     def is_loaded(self, role: str) -> bool:
