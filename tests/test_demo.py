@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from ovss.cli import main
-from ovss.toy import TOY_THINGS_WITH_BG, iter_scenes
+from ovss.toy import TOY_CLASSES, iter_scenes
 
 
 def test_demo_on_tiny_models_writes_grid_overlays_and_table(tmp_path, capsys):
@@ -19,15 +19,16 @@ def test_demo_on_tiny_models_writes_grid_overlays_and_table(tmp_path, capsys):
     assert (out / "faseg" / "scene0.png").exists() and (out / "faseg" / "scene1_overlay.png").exists()
     res = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
-    # the all-background baseline recomputed independently: IoU(bg) = bg fraction, every present thing 0
-    truths = [s.labels_things for s in iter_scenes("test", 2, size=48)]
-    present = sorted(set(np.concatenate([t.ravel() for t in truths]).tolist()))
-    bg_iou = sum((t == 0).sum() for t in truths) / sum(t.size for t in truths)
-    expected = 100 * bg_iou / len(present)
-    assert abs(rows["baseline: all background"]["miou"] - expected) < 1e-6
+    # the most-frequent-class baseline recomputed independently: IoU(c*) = its pixel share, every other class 0
+    truths = [s.labels_full for s in iter_scenes("test", 2, size=48)]
+    counts = np.bincount(np.concatenate([t.ravel() for t in truths]), minlength=len(TOY_CLASSES))
+    top = int(counts.argmax())
+    expected = 100 * counts[top] / counts.sum() / np.count_nonzero(counts)
+    assert abs(rows[f"baseline: most_frequent ({TOY_CLASSES[top]})"]["miou"] - expected) < 1e-6
+    assert "baseline: caption_prior" in rows
     assert 0 <= rows["faseg"]["miou"] <= 100
     labels = np.array(Image.open(out / "faseg" / "scene0.png"))
-    assert labels.shape == (48, 48) and labels.max() < len(TOY_THINGS_WITH_BG)
+    assert labels.shape == (48, 48) and labels.max() < len(TOY_CLASSES)
 
 
 def test_demo_reports_a_failing_method_and_exits_nonzero(tmp_path, capsys):

@@ -1,0 +1,285 @@
+"""Does a toy diffusion model bind words to regions, and does a method segment with it? Quick numbers.
+
+Two checks on val scenes, both next to what chance / a trivial rule gets:
+- `binding_probe`: for each class a scene names, does the peak of its word's cross-attention map (mean of
+  the factor-2 and factor-4 maps, read at a low timestep) fall inside that class's region? Chance is the
+  region's share of the image.
+- `evaluate_method`: a method (FA-Seg by default) on `models`, scored with the confusion-matrix mIoU, with the
+  trivial baselines of the same scenes: all-background, the most frequent class, and the *caption prior*
+  (the whole image labelled with the stuff word(s) the caption names, split at the horizon when it names two).
+
+    python -m ovss.toy.probe --run unet          # a trained run in .toy_runs (before export)
+    python -m ovss.toy.probe --exported          # the shipped models, models="toy"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovss.attention import AttentionCapture
+from ovss.diffusion.latents import add_noise, encode_latents, pil_to_tensor, seeded_noise
+from ovss.diffusion.text import encode_prompts, tokenize_prompts
+from ovss.eval.metrics import ConfusionMatrix
+from ovss.toy.scenes import TOY_CLASSES, TOY_STUFF, TOY_THINGS, TOY_THINGS_WITH_BG, Scene, iter_scenes
+
+#: Factors whose cross-attention the binding probe averages (grids 8x8 and 4x4 on 16x16 latents).
+PROBE_FACTORS = (2, 4)
+#: Low timesteps the probe reads at: DiffSegmenter's t = 100 for the ε model; FA-Seg's t = 1 for the RF model.
+PROBE_TIMESTEP = {"eps": 100, "rf": 1}
+#: Background thresholds swept for the "best τ" number (tuned on the same scenes: optimistic, labelled so).
+TAU_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: Stuff from top to bottom of a toy scene: the order the caption prior stacks the stuff it names.
+STUFF_TOP_DOWN = ("sky", "wall", "water", "grass", "sand")
+SENSES = {"toy": TOY_THINGS_WITH_BG, "toy_full": TOY_CLASSES}
+"""toy: background (= all stuff) + things, background scored; toy_full: stuff + things, no background."""
+
+
+# ------------------------------------------------------------------------------------------- binding
+
+
+@torch.no_grad()
+def word_maps(dm: Any, scenes: Sequence[Scene], *, objective: str = "eps", timestep: int | None = None,
+              prompt: str = "caption", factors: Sequence[int] = PROBE_FACTORS, seed: int = 0, batch: int = 16
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scene and class, the word's cross-attention at image size: ((N, C, H, W) maps, (N, C) named).
+
+    prompt: "caption" (the scene's caption) or "classes" (its tags joined by ", ", FA-Seg's class prompt).
+    The latent is the VAE posterior mean, noised to `timestep` with a per-scene seeded draw.
+    """
+    from ovss.toy.train import ClassTokens
+
+    unet, vae = dm.unet, dm.vae
+    t = PROBE_TIMESTEP[objective] if timestep is None else int(timestep)
+    finder = ClassTokens(dm.tokenizer)
+    size = scenes[0].image.height
+    all_maps, all_named = [], []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i:i + batch]
+        z0 = encode_latents(vae, pil_to_tensor([s.image for s in chunk], size), dm.vae_scale)
+        noise = torch.cat([seeded_noise((1, *z0.shape[1:]), seed + s.seed, z0.dtype) for s in chunk])
+        if objective == "eps":
+            zt = add_noise(z0, noise, float(dm.scheduler.alphas_cumprod[t]))
+        else:
+            s_ = t / 1000
+            zt = s_ * noise + (1 - s_) * z0
+        texts = [s.caption if prompt == "caption" else ", ".join(s.tags) for s in chunk]
+        ids = tokenize_prompts(dm.tokenizer, texts)
+        context = encode_prompts(dm.text_encoder, ids).to(unet.dtype)
+        with AttentionCapture(unet, cross=factors) as cap:
+            unet(zt.to(unet.dtype), t, encoder_hidden_states=context)
+            cross = cap.cross_maps()
+        weights = finder.weights(ids)
+        total = 0
+        for f, maps in cross.items():
+            side = int(round(maps.shape[1] ** 0.5))
+            m = torch.einsum("bqt,bct->bcq", maps.float(), weights).reshape(len(chunk), -1, side, side)
+            m = m / m.flatten(2).sum(-1).clamp_min(1e-12)[..., None, None] * side * side  # mean 1 per map
+            total = total + F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
+        all_maps.append(total / len(cross))
+        all_named.append(weights.sum(-1) > 0)
+    return torch.cat(all_maps), torch.cat(all_named)
+
+
+def binding_probe(dm: Any, scenes: Sequence[Scene], **kwargs) -> dict[str, float]:
+    """Share of named (scene, class) pairs whose word-map peak lies inside the class; chance = region share."""
+    maps, named = word_maps(dm, scenes, **kwargs)
+    hits = {"things": [], "stuff": []}
+    chance = {"things": [], "stuff": []}
+    for n, s in enumerate(scenes):
+        labels = torch.from_numpy(s.labels_full.astype(np.int64))
+        for c in np.nonzero(named[n].numpy())[0]:
+            region = labels == int(c)
+            if not region.any():
+                continue
+            peak = int(maps[n, c].flatten().argmax())
+            group = "stuff" if TOY_CLASSES[c] in TOY_STUFF else "things"
+            hits[group].append(bool(region.flatten()[peak]))
+            chance[group].append(float(region.float().mean()))
+    out: dict[str, float] = {"n_scenes": len(scenes)}
+    for g in hits:
+        out[g] = float(np.mean(hits[g])) if hits[g] else float("nan")
+        out[g + "_chance"] = float(np.mean(chance[g])) if chance[g] else float("nan")
+        out["n_" + g] = len(hits[g])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ baselines
+
+
+def caption_prior(caption: str, size: tuple[int, int], sense: str = "toy_full") -> np.ndarray:
+    """The whole image labelled with the stuff the caption names, stacked top to bottom in equal bands
+    (split at the horizon when it names two). In the `toy` sense every stuff is background: all zeros."""
+    h, w = size
+    if sense == "toy":
+        return np.zeros((h, w), dtype=np.int64)
+    words = set(caption.replace(",", " ").split())
+    named = [s for s in STUFF_TOP_DOWN if s in words]
+    out = np.zeros((h, w), dtype=np.int64)
+    if not named:
+        return out
+    rows = np.arange(h) * len(named) // h
+    for band, name in enumerate(named):
+        out[rows == band] = TOY_CLASSES.index(name)
+    return out
+
+
+def gt_labels(scene: Scene, sense: str) -> np.ndarray:
+    return (scene.labels_things if sense == "toy" else scene.labels_full).astype(np.int64)
+
+
+def miou(pairs: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int) -> float:
+    """mIoU in percent over the classes present in prediction or truth, one matrix for all images."""
+    cm = ConfusionMatrix(num_classes)
+    for pred, gt in pairs:
+        cm.update(pred, gt)
+    return float(np.nanmean(cm.iou()) * 100)
+
+
+def baselines(scenes: Sequence[Scene], sense: str = "toy") -> dict[str, float]:
+    """mIoU of the trivial rules on these scenes: all-background (toy), most frequent class, caption prior."""
+    names = SENSES[sense]
+    gts = [gt_labels(s, sense) for s in scenes]
+    top = int(np.bincount(np.concatenate([g.ravel() for g in gts]), minlength=len(names)).argmax())
+    out = {}
+    if sense == "toy":
+        out["all_background"] = miou([(np.zeros_like(g), g) for g in gts], len(names))
+    out[f"most_frequent ({names[top]})"] = miou([(np.full_like(g, top), g) for g in gts], len(names))
+    out["caption_prior"] = miou([(caption_prior(s.caption, g.shape, sense), g) for s, g in zip(scenes, gts)],
+                                len(names))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+
+def evaluate_method(method: str, scenes: Sequence[Scene], *, sense: str = "toy", models: Any = "toy",
+                    candidates: str = "given", use_captions: bool = True, taus: Sequence[float] = TAU_GRID,
+                    **config: Any) -> dict[str, Any]:
+    """mIoU of `method` on the scenes (with background in the `toy` sense) at its τ and at the best τ of
+    `taus` (re-thresholding its scores), plus the baselines. candidates: "given" (the classes present,
+    from the ground truth) or "all" (the full vocabulary). use_captions: pass the scene captions (else the
+    method captions with its BLIP)."""
+    import dataclasses
+
+    import ovss
+    from ovss.registry import get_method_class
+
+    vocab = list(TOY_THINGS if sense == "toy" else TOY_CLASSES)
+    background = sense == "toy"
+    takes_captions = "caption" in {f.name for f in dataclasses.fields(get_method_class(method).Config)}
+    use_captions = use_captions and takes_captions
+    if use_captions:
+        config.setdefault("caption", "given")
+    seg = ovss.create(method, models=models, candidates=candidates, **config)
+    given = ([[c for c in s.tags if c in vocab] for s in scenes] if candidates == "given" else None)
+    results = list(seg.segment_many([s.image for s in scenes], vocab, background=background, given=given,
+                                    captions=[s.caption for s in scenes] if use_captions else None))
+    gts = [gt_labels(s, sense) for s in scenes]
+    n = len(SENSES[sense])
+    out: dict[str, Any] = {"method": method, "sense": sense, "candidates": candidates, "n_scenes": len(scenes),
+                           "miou": miou([(r.labels, g) for r, g in zip(results, gts)], n)}
+    if background:
+        out["tau"] = results[0].meta.get("bg_threshold")
+    if background and taus:
+        sweep = {tau: miou([(_relabel(r, tau), g) for r, g in zip(results, gts)], n) for tau in taus}
+        out["best_tau"] = max(sweep, key=sweep.get)
+        out["best_miou"] = sweep[out["best_tau"]]
+    out["baselines"] = baselines(scenes, sense)
+    return out
+
+
+def _relabel(result: Any, tau: float) -> np.ndarray:
+    """Labels of a with-background result at another τ, from its scores (same rule: max ≥ τ is a class)."""
+    scores = torch.from_numpy(result.scores)[1:]
+    allowed = torch.tensor([c in result.meta.get("candidates", []) for c in result.classes[1:]])
+    if not allowed.any():
+        return np.zeros(result.labels.shape, dtype=np.int64)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    best, idx = scores.max(0)
+    return torch.where(best >= tau, idx + 1, torch.zeros_like(idx)).numpy()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _run_models(out: Path, run: str) -> tuple[Any, Path]:
+    """A trained UNet run as DiffusionModels, via a (fp32) folder written next to it in the hub layout."""
+    from ovss.models.loading import load_component
+    from ovss.toy.train import write_diffusion_folder
+
+    folder = write_diffusion_folder(out, run, out / run / "folder", dtype=torch.float32)
+    return load_component("diffusion", str(folder)), folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ovss.toy.probe", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a UNet run in --out (unet, rf_unet, unet_noaux, ...), probed with FA-Seg")
+    src.add_argument("--exported", action="store_true", help="the shipped toy models (models='toy')")
+    p.add_argument("--out", default=".toy_runs")
+    p.add_argument("--n", type=int, default=100, help="val scenes for the binding probe")
+    p.add_argument("--method-n", type=int, default=50, help="val scenes for the method mIoU")
+    p.add_argument("--methods", default="faseg", help="--exported: comma-separated methods to score")
+    p.add_argument("--default-candidates", action="store_true",
+                   help="--exported: also score each method with its own candidate stage and captions")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    scenes = list(iter_scenes("val", max(a.n, a.method_n)))
+    if a.exported:
+        from ovss.models.loading import load_component
+
+        runs = {"diffusion": ("eps", "toy"), "diffusion_rf": ("rf", "toy")}
+        methods = a.methods.split(",")
+        name = "exported"
+    else:
+        meta = json.loads((out / a.run / "meta.json").read_text())
+        runs = {a.run: (meta["objective"], None)}
+        methods = ["faseg"]
+        name = a.run
+    report: dict[str, Any] = {"run": name, "binding": {}, "faseg": {}, "methods": {}}
+    models: Any = "toy"
+    for run, (objective, _) in runs.items():
+        if a.exported:
+            dm = load_component("diffusion", "toy", role=run)
+        else:
+            dm, folder = _run_models(out, run)
+            models = {"diffusion": str(folder)}
+        for prompt in ("caption", "classes"):
+            key = prompt if not a.exported else f"{run}, {prompt}"
+            report["binding"][key] = binding_probe(dm, scenes[:a.n], objective=objective, prompt=prompt)
+            print("binding", key, json.dumps(report["binding"][key]), flush=True)
+    for method in methods:
+        variants = [("given candidates", dict(candidates="given"))]
+        if a.exported and a.default_candidates:
+            variants.append(("own candidates", dict(candidates=None, use_captions=False)))
+        for label, kw in variants:
+            for sense in ("toy", "toy_full"):
+                cand = kw.get("candidates") or _default_candidates(method)
+                r = evaluate_method(method, scenes[:a.method_n], sense=sense, models=models, resolution=64,
+                                    candidates=cand, use_captions=kw.get("use_captions", True))
+                target = report["faseg"] if method == "faseg" and label == "given candidates" else report["methods"]
+                target[f"{method}, {sense}, {label}"] = r
+                print(method, sense, label, json.dumps(r), flush=True)
+    (out / "probe").mkdir(parents=True, exist_ok=True)
+    (out / "probe" / f"{name}.json").write_text(json.dumps(report, indent=2))
+
+
+def _default_candidates(method: str) -> str:
+    import dataclasses
+
+    from ovss.registry import get_method_class
+
+    return next(f.default for f in dataclasses.fields(get_method_class(method).Config) if f.name == "candidates")
+
+
+if __name__ == "__main__":
+    main()
