@@ -255,6 +255,17 @@ def test_background_threshold_on_the_mixed_score(method, monkeypatch):
     assert (method.segment(img, names, bg_threshold=0.49).labels == 1).all()
 
 
+def test_given_lists_restrict_the_classes(method):
+    img = _image(5, (48, 60))
+    names = ["cat", "dog", "bird"]
+    free = method.segment(img, names, background=False)
+    only = method.segment(img, names, background=False, given=["dog"])
+    assert (only.labels == 1).all()  # the only candidate wins everywhere
+    assert np.allclose(only.scores_lowres[[0, 2]], 0) and np.allclose(only.scores_lowres[1], free.scores_lowres[1])
+    bg = method.segment(img, names, given=["dog", "bird"], bg_threshold=-10.0)
+    assert set(np.unique(bg.labels)) <= {2, 3}
+
+
 def test_options_run_and_change_the_scores(method, bank_dir):
     crop = _image(6, (48, 48))
     names = ["cat", "dog"]

@@ -315,10 +315,13 @@ class FreeDA(Method):
 
     # -- whole images -----------------------------------------------------------------------------------
     def _segment_batch(self, images: list[Image.Image], request: SegmentRequest) -> list[Segmentation]:
-        return [self._segment_one(im, request) for im in images]
+        given = request.given or [None] * len(images)
+        return [self._segment_one(im, request, g) for im, g in zip(images, given)]
 
     @torch.no_grad()
-    def _segment_one(self, image: Image.Image, request: SegmentRequest) -> Segmentation:
+    def _segment_one(self, image: Image.Image, request: SegmentRequest, given: list[str] | None = None
+                     ) -> Segmentation:
+        """given: this image's candidate list (e.g. ground-truth labels); other classes score 0 and never win."""
         cfg, names = self.config, request.classes
         vocab = self.vocabulary(names)
         work = image if cfg.short_side is None else resize_image(
@@ -327,8 +330,14 @@ class FreeDA(Method):
         g = self.global_scores(x, vocab) if cfg.global_scope == "image" else None
         canvas = slide_inference(lambda crop: self.score_crop(crop, names, global_scores=g), x, cfg.crop,
                                  cfg.stride, len(names))
+        if given is not None:
+            excluded = torch.tensor([n not in given for n in names])
+            canvas[excluded] = 0
         size_hw = (image.height, image.width)
         scores = resize_scores(canvas, size_hw)
+        if given is not None:  # a copy: resize_scores returns its input when the size already matches
+            scores = scores.clone()
+            scores[excluded] = torch.finfo(scores.dtype).min
         meta = {"method": self.name, "bank": str(self.bank.root), "k": cfg.k, "retrieval": vocab.stats}
         if request.background:
             tau = float(cfg.bg_threshold if request.bg_threshold is None else request.bg_threshold)
