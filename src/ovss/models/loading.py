@@ -11,6 +11,7 @@ Heavy libraries (diffusers, transformers, huggingface_hub) are imported inside f
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -315,3 +316,18 @@ def _load_sam(path: str, local_only: bool, source: str, dtype: torch.dtype) -> S
 
 _LOADERS = {"diffusion": _load_diffusion, "clip": _load_clip, "blip": _load_blip, "dinov2": _load_dinov2,
             "dino": _load_dino, "sam": _load_sam}
+
+
+def write_model_index(folder: Path) -> None:
+    """model_index.json of a StableDiffusionPipeline repo: what makes a folder of unet/ vae/ text_encoder/
+    tokenizer/ scheduler/ load like a hub diffusion model."""
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -8,7 +8,6 @@ Every build is seeded under a forked RNG: the same weights every time, and the c
 """
 from __future__ import annotations
 
-import json
 import math
 from functools import lru_cache
 from importlib import resources
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ovss.models.loading import KINDS, BLIPModels, CLIPModels, Component, DiffusionModels, DINOModels, SAMModels
+from ovss.models.loading import (KINDS, BLIPModels, CLIPModels, Component, DiffusionModels, DINOModels, SAMModels,
+                                 write_model_index)
 from ovss.text.clip_bpe import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
 
 #: Seed of every tiny build (one fixed seed per kind; the kinds do not share weights anyway).
@@ -67,18 +67,9 @@ def save_tiny(kind: str, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     c = build_tiny(kind)
     if isinstance(c, DiffusionModels):
-        import diffusers
-
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             getattr(c, name).save_pretrained(out / name)
-        index = {
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-            "feature_extractor": [None, None], "requires_safety_checker": False,
-        }
-        (out / "model_index.json").write_text(json.dumps(index, indent=2))
+        write_model_index(out)
     else:
         c.model.save_pretrained(out)
         extra = getattr(c, "processor", None) or getattr(c, "tokenizer", None)

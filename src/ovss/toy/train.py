@@ -581,9 +581,10 @@ def save_clip_tokenizer(directory: Path) -> None:
 def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dtype = torch.float16) -> Path:
     """A StableDiffusionPipeline-layout folder: the `unet_run` UNet, the vae run, CLIP's (frozen) text tower,
     the CLIP tokenizer and SD's DDIM scheduler config."""
-    import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel
+
+    from ovss.models.loading import write_model_index
 
     dest = _replace_dir(dest)
     UNet2DConditionModel.from_pretrained(out / unet_run / "final", torch_dtype=dtype).save_pretrained(dest / "unet")
@@ -592,14 +593,7 @@ def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dt
     text_encoder_from_clip(clip).to(dtype).save_pretrained(dest / "text_encoder")
     save_clip_tokenizer(dest / "tokenizer")
     M.build_scheduler().save_pretrained(dest / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
-    }
-    (dest / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_model_index(dest)
     return dest
 
 
