@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ovss.banks.bank import Bank
 from ovss.banks.build import BuildConfig, build_local, build_ray, make_models, read_captions
@@ -24,7 +25,13 @@ def test_two_ray_workers_build_the_same_bank_as_one_process(tmp_path):
     caps = tmp_path / "captions.txt"
     caps.write_text(CAPTIONS)
     config = BuildConfig(steps=2, resolution=64, batch_size=2, chunk_rows=2)
-    _, single = build_local(read_captions(caps), tmp_path / "single", config, make_models("tiny", "cpu"))
+    # Same thread count as the workers: on a CPU, matmul reduction order (so the last bits) depends on it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, single = build_local(read_captions(caps), tmp_path / "single", config, make_models("tiny", "cpu"))
+    finally:
+        torch.set_num_threads(threads)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
