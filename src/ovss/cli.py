@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import ovss
 from ovss.io import ImageLoadError, expand_inputs, load_image, save_segmentation, write_json
+from ovss.models import PRESETS
 from ovss.registry import get_method_class, list_methods
 from ovss.text.classes import BACKGROUND, validate_classes
 
@@ -49,18 +50,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 # -- ovss methods -------------------------------------------------------------------------------------
 
 
-def _presets() -> dict[str, dict[str, tuple[str, str]]]:
-    """PRESETS from ovss.models, or {} when that package is unavailable (the listing still works)."""
-    try:
-        from ovss.models import PRESETS
-    except ImportError:
-        return {}
-    return PRESETS
-
-
 def method_line(name: str) -> str:
     """`name  role=hub-id (kind)  ...` for one registered method."""
-    preset = _presets().get(name, {})
+    preset = PRESETS.get(name, {})
     declared = get_method_class(name).roles
     roles = list(declared) + [r for r in preset if r not in declared]
     parts = []
