@@ -5,7 +5,6 @@ vocabulary written here, and a CLIPModel shaped as tagclip.md §6 (12 blocks) wi
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +17,7 @@ import ovss.candidates.clip_filter as cf
 from ovss.candidates import (caption_images, clip_image_class_scores, get_selector, list_selectors,
                              names_in_caption, relative_keep, tag_many)
 from ovss.candidates.clip_filter import clip_filter
-from ovss.text.clip_bpe import clip_tokenizer
+from ovss.models.tiny import build_tiny
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "photograph", "of", "cat", "dog",
          "sitting", "on", "the", "couch", "table", "dining", "with", "and", "person", "car", "two"]
@@ -52,16 +51,7 @@ def blip():
 
 @pytest.fixture(scope="module")
 def clip():
-    from transformers import CLIPConfig, CLIPModel
-
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=128, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=2, intermediate_size=128,
-                           patch_size=16, image_size=224),
-        projection_dim=16, logit_scale_init_value=math.log(100))
-    torch.manual_seed(0)
-    return SimpleNamespace(model=CLIPModel(cfg).eval(), tokenizer=clip_tokenizer(), source="tiny")
+    return build_tiny("clip")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from PIL import Image
 
 from ovss.data import LayoutError, class_names, get_dataset, list_datasets
 from ovss.data.names import DATASET_CLASSES, FAMILY, NAME_SETS
+from ovss.viz import palette
 
 W, H = 8, 6
 RNG = np.random.default_rng(0)
@@ -23,25 +24,10 @@ def write_gray(path: Path, arr: np.ndarray) -> None:
     Image.frombytes("L", (arr.shape[1], arr.shape[0]), arr.astype(np.uint8).tobytes()).save(path)
 
 
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (bit-interleaved), 256 entries."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
 def write_palette(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.astype(np.uint8).tobytes())
-    im.putpalette(voc_palette())
+    im.putpalette(palette(256).ravel().tolist())
     im.save(path)
 
 
