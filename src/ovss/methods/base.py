@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
 
+from ovss.dense.labels import labels_with_background, labels_without_background
 from ovss.io import ImageInput, load_image
 from ovss.models import ModelSet, resolve_device, resolve_dtype
 from ovss.result import Segmentation
-from ovss.text.classes import validate_classes
+from ovss.text.classes import BACKGROUND, validate_classes
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,39 @@ class SegmentRequest:
     bg_threshold: float | None = None
     given: list[list[str]] | None = None
     captions: list[str] | None = None
+
+    @property
+    def output_classes(self) -> list[str]:
+        """A result's classes: "background" first when background is on, then the vocabulary."""
+        return ([BACKGROUND] if self.background else []) + self.classes
+
+    def threshold(self, configured: float) -> float:
+        """τ of this call: the caller's `bg_threshold`, else the method's configured one."""
+        return float(configured if self.bg_threshold is None else self.bg_threshold)
+
+    def candidate_scores(self, candidates: Sequence[str], maps: torch.Tensor | None, tau: float,
+                         size_hw: tuple[int, int]) -> torch.Tensor:
+        """(len(output_classes), h, w): the candidates' maps in their channels, τ in the background channel
+        (what the background rule compared against), 0 for classes that were not scored."""
+        out = torch.zeros(len(self.output_classes), *size_hw)
+        if self.background:
+            out[0] = tau
+        if candidates:
+            out[self._positions(candidates)] = maps
+        return out
+
+    def candidate_labels(self, scores: torch.Tensor, candidates: Sequence[str], tau: float,
+                         ties: Literal["class", "background"]) -> torch.Tensor:
+        """Labels indexing output_classes from the candidates' (K, H, W) scores: the background rule at τ when
+        background is on (`ties` as labels_with_background), else the best candidate."""
+        index = self._positions(candidates)
+        if self.background:
+            return torch.cat([index.new_zeros(1), index])[labels_with_background(scores, tau, ties=ties)]
+        return index[labels_without_background(scores)]
+
+    def _positions(self, names: Sequence[str]) -> torch.Tensor:
+        offset = 1 if self.background else 0
+        return torch.tensor([offset + self.classes.index(n) for n in names], dtype=torch.long)
 
     def subset(self, idx: Sequence[int]) -> "SegmentRequest":
         pick = (lambda xs: None if xs is None else [xs[i] for i in idx])

@@ -29,7 +29,7 @@ from ovss.attention.maps import level_weights, minmax
 from ovss.candidates import caption_images, get_selector
 from ovss.candidates.captioning import BLIP_MAX_LENGTH
 from ovss.data.names import FAMILY, NAME_SETS
-from ovss.dense.labels import labels_with_background, labels_without_background, resize_scores
+from ovss.dense.labels import resize_scores
 from ovss.diffusion.latents import add_noise, encode_latents, seeded_noise, tensor_resize
 from ovss.methods.base import Method, SegmentRequest
 from ovss.registry import register
@@ -361,29 +361,19 @@ class DiffSegmenter(Method):
     def _finish(self, image: Image.Image, request: SegmentRequest, candidates: list[str], maps: torch.Tensor | None,
                 prompts: Sequence[ClassPrompt]) -> Segmentation:
         """Steps 4-7: scores at H×W, argmax over [τ, s_1, …], ties to background; no candidates: background."""
-        vocab = request.classes
-        tau = float(self.config.bg_threshold if request.bg_threshold is None else request.bg_threshold)
+        tau = request.threshold(self.config.bg_threshold)
         size_hw = (image.height, image.width)
-        classes = (["background"] if request.background else []) + vocab
-        offset = 1 if request.background else 0
         # Labels are decided at H×W (the per-class min-max is defined there); the kept score maps are capped so a
         # huge image over a long vocabulary stays small (Segmentation.scores upsamples them on access).
         keep_hw = _capped(size_hw, SCORES_MAX_SIDE)
-        scores = torch.zeros(len(classes), *keep_hw)
-        if request.background:
-            scores[0] = tau
         meta = {"method": self.name, "candidates": candidates, "bg_threshold": tau if request.background else None,
                 "timesteps": list(self.config.timesteps),
                 "prompts": {p.name: p.marked for p in prompts}, "tokens": {p.name: list(p.tokens) for p in prompts}}
         if maps is None:  # no candidates: all background, the models are never called
-            return Segmentation(np.zeros(size_hw, dtype=np.int64), scores.numpy(), classes, meta)
+            return Segmentation(np.zeros(size_hw, dtype=np.int64),
+                                request.candidate_scores([], None, tau, keep_hw).numpy(), request.output_classes, meta)
         s = image_scores(maps, size_hw, self.config.normalize_at).cpu()
-        index = torch.tensor([offset + vocab.index(c) for c in candidates])
-        scores[index] = resize_scores(s, keep_hw)
-        if request.background:
-            lut = torch.cat([torch.zeros(1, dtype=torch.long), index])
-            labels = lut[labels_with_background(s, tau, ties="background")]
-        else:
-            labels = index[labels_without_background(s)]
-        return Segmentation(labels.numpy(), scores.numpy(), classes, meta)
+        labels = request.candidate_labels(s, candidates, tau, ties="background")
+        scores = request.candidate_scores(candidates, resize_scores(s, keep_hw), tau, keep_hw)
+        return Segmentation(labels.numpy(), scores.numpy(), request.output_classes, meta)
 

@@ -19,7 +19,7 @@ from PIL import Image
 from ovss.attention import AttentionCapture, attention_layers
 from ovss.attention.maps import level_weights, minmax
 from ovss.candidates import caption_images, get_selector
-from ovss.dense.labels import labels_with_background, labels_without_background, resize_labels, resize_scores
+from ovss.dense.labels import resize_labels, resize_scores
 from ovss.diffusion.latents import ddim_inversion_step, encode_latents, pil_to_tensor, seeded_noise
 from ovss.diffusion.text import encode_prompts, tokenize_prompts
 from ovss.methods.base import Method, SegmentRequest
@@ -301,27 +301,19 @@ class FASeg(Method):
     def _finish(self, image: Image.Image, request: SegmentRequest, candidates: list[str], u: torch.Tensor | None,
                 prompts: _Prompts | None) -> Segmentation:
         """Steps 14-16: labels at R² (max ≥ τ -> class), nearest-resized to H×W; empty list -> background."""
-        cfg, vocab = self.config, request.classes
-        tau = float(cfg.bg_threshold if request.bg_threshold is None else request.bg_threshold)
-        res = self.resolution
+        cfg = self.config
+        tau = request.threshold(cfg.bg_threshold)
+        grid = (self.resolution,) * 2
         size_hw = (image.height, image.width)
-        classes = (["background"] if request.background else []) + vocab
-        offset = 1 if request.background else 0
-        scores = torch.zeros(len(classes), res, res)
-        if request.background:
-            scores[0] = tau
         meta = {"method": self.name, "candidates": candidates, "bg_threshold": tau if request.background else None}
         if u is None:  # no candidates: all background, the model is never called
-            return Segmentation(np.zeros(size_hw, dtype=np.int64), scores.numpy(), classes, meta)
+            return Segmentation(np.zeros(size_hw, dtype=np.int64), request.candidate_scores([], None, tau, grid).numpy(),
+                                request.output_classes, meta)
         u = u.float().cpu()
-        index = torch.tensor([offset + vocab.index(c) for c in candidates])
-        scores[index] = u
         meta.update(caption=prompts.caption, class_prompt=prompts.class_prompt, text_prompt=prompts.text_prompt)
-        lut = torch.cat([torch.zeros(1, dtype=torch.long), index]) if request.background else index
-        decide = ((lambda s: labels_with_background(s, tau, ties="class")) if request.background
-                  else labels_without_background)
         if cfg.label_resize == "nearest512":
-            labels = resize_labels(lut[decide(u)], size_hw)
+            labels = resize_labels(request.candidate_labels(u, candidates, tau, ties="class"), size_hw)
         else:
-            labels = lut[decide(resize_scores(u, size_hw))].numpy()
-        return Segmentation(labels, scores.numpy(), classes, meta)
+            labels = request.candidate_labels(resize_scores(u, size_hw), candidates, tau, ties="class").numpy()
+        return Segmentation(labels, request.candidate_scores(candidates, u, tau, grid).numpy(), request.output_classes,
+                            meta)

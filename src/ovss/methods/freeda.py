@@ -340,9 +340,9 @@ class FreeDA(Method):
             scores[excluded] = torch.finfo(scores.dtype).min
         meta = {"method": self.name, "bank": str(self.bank.root), "k": cfg.k, "retrieval": vocab.stats}
         if request.background:
-            tau = float(cfg.bg_threshold if request.bg_threshold is None else request.bg_threshold)
+            tau = request.threshold(cfg.bg_threshold)
             labels = labels_with_background(scores, tau, ties="background").numpy()
             low = torch.cat([torch.full((1, *canvas.shape[1:]), tau), canvas])
             meta["bg_threshold"] = tau
-            return Segmentation(labels, low.numpy(), ["background", *names], meta)
+            return Segmentation(labels, low.numpy(), request.output_classes, meta)
         return Segmentation(labels_without_background(scores).numpy(), canvas.numpy(), list(names), meta)

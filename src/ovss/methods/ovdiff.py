@@ -959,7 +959,7 @@ class OVDiff(Method):
             selected[chosen] = True
             scores = self.score_image(work, vocab, selected, request.background)
             size_hw = (image.height, image.width)
-            classes = (["background"] if request.background else []) + vocab
+            classes = request.output_classes
             meta = {"method": self.name, "selected": [vocab[j] for j in chosen],
                     "extractors": list(cfg.feature_extractors), "working_size": list(work.size)}
             if not request.background:
@@ -967,7 +967,7 @@ class OVDiff(Method):
                 out.append(Segmentation(labels.numpy(), scores.numpy(), classes, meta))
                 continue
             if cfg.background == "threshold":
-                tau = float(cfg.bg_threshold if request.bg_threshold is None else request.bg_threshold)
+                tau = request.threshold(cfg.bg_threshold)
                 labels = labels_with_background(resize_scores(scores, size_hw), tau, ties="background")
                 scores = torch.cat([torch.full((1, *scores.shape[1:]), tau), scores])
                 meta["bg_threshold"] = tau
