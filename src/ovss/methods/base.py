@@ -132,18 +132,19 @@ class Method:
         """
         vocab = validate_classes(classes)
         bs = max(1, batch_size or self.default_batch_size)
-        given_l = None if given is None else [self._check_given(g, vocab) for g in given]
-        caps = None if captions is None else list(captions)
+        request = SegmentRequest(vocab, background, bg_threshold,
+                                 None if given is None else [self._check_given(g, vocab) for g in given],
+                                 None if captions is None else list(captions))
         buf: list[Image.Image] = []
         start = 0
         for i, img in enumerate(images):
             buf.append(load_image(img))
             if len(buf) == bs:
-                yield from self._run_with_fallback(buf, self._request(vocab, background, bg_threshold, given_l, caps, start))
+                yield from self._run_with_fallback(buf, request, start)
                 start = i + 1
                 buf = []
         if buf:
-            yield from self._run_with_fallback(buf, self._request(vocab, background, bg_threshold, given_l, caps, start))
+            yield from self._run_with_fallback(buf, request, start)
 
     # -- internals ---------------------------------------------------------------------------------
     @staticmethod
@@ -153,29 +154,17 @@ class Method:
             raise ValueError(f"given classes {unknown} are not in the class list {vocab}")
         return list(names)
 
-    @staticmethod
-    def _request(vocab, background, bg_threshold, given, captions, start) -> "_Slice":
-        return _Slice(SegmentRequest(vocab, background, bg_threshold, given, captions), start)
-
-    def _run_with_fallback(self, images: list[Image.Image], sl: "_Slice") -> list[Segmentation]:
-        req = sl.request.subset(range(sl.start, sl.start + len(images))) if (
-            sl.request.given is not None or sl.request.captions is not None) else sl.request
+    def _run_with_fallback(self, images: list[Image.Image], request: SegmentRequest, start: int
+                           ) -> list[Segmentation]:
+        """Segment images[k] = the request's image start + k; halve the batch on out-of-memory."""
         try:
-            return self._segment_batch(images, req)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
+            return self._segment_batch(images, request.subset(range(start, start + len(images))))
+        except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(err) or len(images) == 1:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             half = len(images) // 2
             log.warning("out of memory at batch %d; retrying with batches of %d", len(images), half)
-            return (self._run_with_fallback(images[:half], sl)
-                    + self._run_with_fallback(images[half:], _Slice(sl.request, sl.start + half)))
-
-
-@dataclass
-class _Slice:
-    """A request plus the index of the first image of a batch inside it (for per-image fields)."""
-
-    request: SegmentRequest
-    start: int
+            return (self._run_with_fallback(images[:half], request, start)
+                    + self._run_with_fallback(images[half:], request, start + half))
