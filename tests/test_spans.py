@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ovss.text.clip_bpe import BOS_ID, EOS_ID, clip_tokenizer
 from ovss.text.spans import chunk_classes, class_token_spans
@@ -119,3 +120,15 @@ def test_chunk_classes_groups_fit_and_are_consecutive(tok):
     assert chunk_classes(tok, ["cat", "dog"], max_tokens=2) == [[0], [1]]
     with pytest.raises(ValueError, match="fire hydrant"):
         chunk_classes(tok, ["cat", "fire hydrant"], max_tokens=2)
+
+
+def test_tokenize_prompts_pads_truncates_and_warns_once_per_cut_prompt(caplog):
+    from ovss.diffusion.text import tokenize_prompts
+
+    tok = clip_tokenizer()
+    prompts = ["a cat", "a very long caption " * 30, "x " * 75, "x " * 76]
+    ids = tokenize_prompts(tok, prompts)
+    ref = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert ids.shape == (4, 77) and torch.equal(ids, ref)
+    cut = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(cut) == 2 and "very long" in cut[0] and "x x" in cut[1]

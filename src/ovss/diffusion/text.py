@@ -9,14 +9,18 @@ log = logging.getLogger(__name__)
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_length: int = 77) -> torch.Tensor:
-    """Pad to `max_length` with the pad id (EOS for CLIP) and truncate, warning when a prompt is cut."""
+    """Pad to `max_length` with the pad id (EOS for CLIP) and truncate, warning when a prompt is cut.
+
+    One tokenizer call: a prompt that does not fit spills into overflow rows (`overflow_to_sample_mapping`),
+    which is how a cut is seen; its first row is the truncated prompt.
+    """
     enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt",
-                    return_overflowing_tokens=False)
-    for p in prompts:
-        n = len(tokenizer(p).input_ids)
-        if n > max_length:
-            log.warning("prompt truncated from %d to %d tokens: %r", n, max_length, p[:120])
-    return enc.input_ids
+                    return_overflowing_tokens=True)
+    owner = enc["overflow_to_sample_mapping"].tolist()
+    for i, p in enumerate(prompts):
+        if owner.count(i) > 1:
+            log.warning("prompt longer than %d tokens, truncated: %r", max_length, p[:120])
+    return enc.input_ids[[owner.index(i) for i in range(len(prompts))]]
 
 
 @torch.no_grad()
