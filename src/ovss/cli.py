@@ -47,6 +47,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keep the hand-written examples' line breaks (defaults are stated in each option's help)."""
 
 
+def _add_device_options(p: argparse.ArgumentParser,
+                        dtype: str | None = "float16, bfloat16 or float32 (default: the method's choice)") -> None:
+    """--device (and --dtype, unless dtype=None), worded alike on every subcommand that loads models."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    if dtype is not None:
+        p.add_argument("--dtype", default=None, help=dtype)
+
+
 # -- ovss methods -------------------------------------------------------------------------------------
 
 
@@ -343,8 +351,7 @@ def _add_segment(sub: Any) -> None:
                    help="add a background class (index 0) for pixels no class explains (default: on)")
     p.add_argument("--bg-threshold", type=float, default=None, metavar="X",
                    help="score below which a pixel is background (default: the method's paper value)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    _add_device_options(p)
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per model call (default: the method's)")
     p.add_argument("--seed", type=int, default=None, help="random seed for methods that draw noise (sets the Config's seed)")
     p.add_argument("--models", default=None, metavar="SPEC",
@@ -390,7 +397,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--n", type=int, default=6, help="number of scenes (default: 6)")
     p.add_argument("--size", type=int, default=160, help="scene side in pixels (default: 160)")
     p.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_device_options(p, dtype=None)
     p.add_argument("--seed", type=int, default=0, help="noise seed of the methods (default: 0)")
     p.set_defaults(func=_cmd_demo)
 
@@ -498,8 +505,7 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--models", default=None, metavar="SPEC", help="paper (default), tiny, toy or role=SOURCE,...")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of the method's Config (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for methods that draw noise")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    _add_device_options(p)
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per model call (default: the method's)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="threads loading images ahead (default: 2)")
@@ -559,8 +565,7 @@ def _add_serve(sub: Any) -> None:
                    help="models preset selected in the page (default: toy; tiny random-weight models stand in "
                         "until the toy models are installed)")
     p.add_argument("--methods", default=None, help="comma-separated methods to offer (default: all)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    _add_device_options(p)
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
                    help="largest accepted upload in MiB (default: %(default)g)")
     p.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
@@ -631,8 +636,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--batch-sizes", default="1,4", metavar="B,B,...", help="images per call (default: 1,4)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: the method's choice)")
+    _add_device_options(p)
     p.add_argument("--classes", type=int, default=3, help="candidate classes per image (default: 3, at most 20)")
     p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the baseline, for the speedup and the output check (default: on)")
@@ -722,8 +726,7 @@ def _add_prototypes(sub: Any) -> None:
     b.add_argument("--models", default=None, metavar="SPEC", help="paper (default), tiny, toy or role=SOURCE,...")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of OVDiff's Config (repeatable)")
     b.add_argument("--seed", type=int, default=None, help="support-set seed (default: the paper's 42)")
-    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    b.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16 on CUDA)")
+    _add_device_options(b, dtype="float16, bfloat16 or float32 (default: float16 on CUDA)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_cmd_prototypes_build)
 
@@ -867,8 +870,7 @@ def _add_bank(sub: Any) -> None:
     b.add_argument("--seed", type=int, default=None, help="base noise seed (each caption derives its own)")
     b.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="captions per generation batch (default: 4); every shard of a bank must use the same")
-    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    b.add_argument("--dtype", default=None, help="generator dtype (default: float16 on CUDA)")
+    _add_device_options(b, dtype="generator dtype (default: float16 on CUDA)")
     b.set_defaults(func=_cmd_bank_build)
 
     m = bank_sub.add_parser("merge", formatter_class=_Formatter, help="merge finished shards into one bank")
