@@ -299,6 +299,26 @@ def test_batched_items_equal_one_pass_per_class(make):
     assert not torch.allclose(batched[1], batched[3])  # same class, other image
 
 
+def test_self_refine_off_leaves_the_fused_cross_maps(make, monkeypatch):
+    from ovss.methods import diffsegmenter as ds
+
+    seen = []
+
+    def spy(self_map, fused):
+        seen.append(fused.clone())
+        return refine(self_map, fused)
+
+    monkeypatch.setattr(ds, "refine", spy)
+    img = scene()
+    prompts = make().class_prompts([img, img], ["sky", "grass"])
+    on = make().class_maps([img], [0, 0], prompts)
+    off = make(self_refine=False).class_maps([img], [0, 0], prompts)
+    assert len(seen) == 1  # the refinement ran for the default only
+    # (capturing self-attention computes it explicitly instead of with SDPA: rounding differs slightly)
+    torch.testing.assert_close(off, seen[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(on, off, atol=1e-3)
+
+
 def test_noise_is_shared_per_image_at_t100(make):
     seg = make(blip_completion=False)
     dm = seg.models["diffusion"]
