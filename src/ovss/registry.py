@@ -63,6 +63,10 @@ def create(
     config: fields of the method's Config dataclass (e.g. bg_threshold=0.55).
     """
     cls = get_method_class(name)
+    if models == "toy":  # the toy world's geometry (and FreeDA's toy bank) unless the caller says otherwise
+        from ovss.models.presets import TOY_CONFIG
+
+        config = {**TOY_CONFIG.get(name, {}), **config}
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(config) - fields)
     if unknown:

@@ -338,7 +338,8 @@ class FreeDA(Method):
         if given is not None:  # a copy: resize_scores returns its input when the size already matches
             scores = scores.clone()
             scores[excluded] = torch.finfo(scores.dtype).min
-        meta = {"method": self.name, "bank": str(self.bank.root), "k": cfg.k, "retrieval": vocab.stats}
+        meta = {"method": self.name, "bank": str(self.bank.root), "k": cfg.k, "retrieval": vocab.stats,
+                "candidates": [n for n in names if given is None or n in given]}
         if request.background:
             tau = request.threshold(cfg.bg_threshold)
             labels = labels_with_background(scores, tau, ties="background").numpy()

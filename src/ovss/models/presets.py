@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from ovss.models.devices import resolve_device, resolve_dtype
-from ovss.models.loading import Component, load_component
+from ovss.models.loading import TOY_DIR, Component, load_component
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"    # the mirror of the withdrawn runwayml/stable-diffusion-v1-5
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
@@ -40,6 +40,20 @@ TOY_PRESETS: dict[str, dict[str, str]] = {
     "diffsegmenter": {"diffusion": "diffusion", "captioner": "blip", "filter": "clip"},
     "ovdiff": {"diffusion": "diffusion", "dino": "dino", "clip": "clip", "sam": "sam"},
     "freeda": {"diffusion": "diffusion", "dinov2": "dinov2", "clip": "clip"},
+}
+
+#: models="toy": config defaults that put a method's geometry at the toy world's scale (64-px images: the
+#: 448-px crops, windows and strides of OVDiff's and FreeDA's protocols scaled by 1/7, DINO inputs at the toy
+#: DINO's 64 px; OVDiff's SD layers are the same blocks of the toy UNet, which has 2 attentions per up block
+#: where SD-1.5 has 3) and point FreeDA at the shipped toy bank. Options the caller passes win. FA-Seg and
+#: DiffSegmenter need none: they already work at the diffusion model's native size.
+TOY_CONFIG: dict[str, dict[str, object]] = {
+    "ovdiff": {"short_side": 64, "windows": (64, 48), "stride": 32, "clip_window_size": 64, "dino_max_side": 64,
+               "dino_long_cap": 114,
+               "sd_layers": ("down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0",
+                             "up_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
+                             "up_blocks.3.attentions.1")},
+    "freeda": {"bank": str(TOY_DIR / "freeda_bank"), "short_side": 64, "crop": 64, "stride": 32, "dino_size": 64},
 }
 
 #: Kinds the papers run in float32 whatever the diffusion dtype (TagCLIP, BLIP, OVDiff's and FreeDA's

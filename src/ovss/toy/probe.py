@@ -33,6 +33,15 @@ from ovss.toy.scenes import TOY_CLASSES, TOY_STUFF, TOY_THINGS, TOY_THINGS_WITH_
 PROBE_FACTORS = (2, 4)
 #: Low timesteps the probe reads at: DiffSegmenter's t = 100 for the ε model; FA-Seg's t = 1 for the RF model.
 PROBE_TIMESTEP = {"eps": 100, "rf": 1}
+#: The papers' ablations that the toy world can check (option overrides, each scored beside the default):
+#: DiffSegmenter's self-attention refinement (Table 4), FA-Seg's test-time flip and dual prompt (Table 6),
+#: OVDiff's extractor ensemble vs SD features alone (Table 2), FreeDA's superpixels (Table 4).
+ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "diffsegmenter": {"no self-attention refinement": {"self_refine": False}},
+    "faseg": {"no test-time flip": {"ttf": False}, "no dual prompt": {"dual_prompt": False}},
+    "ovdiff": {"SD features only": {"feature_extractors": ("sd",)}},
+    "freeda": {"no superpixels": {"superpixel": "none"}},
+}
 #: Background thresholds swept for the "best τ" number (tuned on the same scenes: optimistic, labelled so).
 TAU_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 #: Stuff from top to bottom of a toy scene: the order the caption prior stacks the stuff it names.
@@ -173,11 +182,13 @@ def evaluate_method(method: str, scenes: Sequence[Scene], *, sense: str = "toy",
 
     vocab = list(TOY_THINGS if sense == "toy" else TOY_CLASSES)
     background = sense == "toy"
-    takes_captions = "caption" in {f.name for f in dataclasses.fields(get_method_class(method).Config)}
-    use_captions = use_captions and takes_captions
+    fields = {f.name for f in dataclasses.fields(get_method_class(method).Config)}
+    use_captions = use_captions and "caption" in fields
     if use_captions:
         config.setdefault("caption", "given")
-    seg = ovss.create(method, models=models, candidates=candidates, **config)
+    if "candidates" in fields:  # OVDiff and FreeDA have no candidate stage: `given` alone restricts them
+        config["candidates"] = candidates
+    seg = ovss.create(method, models=models, **config)
     given = ([[c for c in s.tags if c in vocab] for s in scenes] if candidates == "given" else None)
     results = list(seg.segment_many([s.image for s in scenes], vocab, background=background, given=given,
                                     captions=[s.caption for s in scenes] if use_captions else None))
@@ -187,7 +198,8 @@ def evaluate_method(method: str, scenes: Sequence[Scene], *, sense: str = "toy",
                            "miou": miou([(r.labels, g) for r, g in zip(results, gts)], n)}
     if background:
         out["tau"] = results[0].meta.get("bg_threshold")
-    if background and taus:
+    # Re-thresholding needs τ semantics (max score ≥ τ is a class); OVDiff decides background by prototypes.
+    if background and taus and out["tau"] is not None and "candidates" in results[0].meta:
         sweep = {tau: miou([(_relabel(r, tau), g) for r, g in zip(results, gts)], n) for tau in taus}
         out["best_tau"] = max(sweep, key=sweep.get)
         out["best_miou"] = sweep[out["best_tau"]]
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default="faseg", help="--exported: comma-separated methods to score")
     p.add_argument("--default-candidates", action="store_true",
                    help="--exported: also score each method with its own candidate stage and captions")
+    p.add_argument("--ablations", action="store_true",
+                   help="--exported: also score the papers' ablations (ABLATIONS) with given candidates")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -258,14 +272,17 @@ def main(argv: list[str] | None = None) -> None:
             report["binding"][key] = binding_probe(dm, scenes[:a.n], objective=objective, prompt=prompt)
             print("binding", key, json.dumps(report["binding"][key]), flush=True)
     for method in methods:
-        variants = [("given candidates", dict(candidates="given"))]
-        if a.exported and a.default_candidates:
+        variants: list[tuple[str, dict]] = [("given candidates", dict(candidates="given"))]
+        if a.exported and a.default_candidates and _default_candidates(method) is not None:
             variants.append(("own candidates", dict(candidates=None, use_captions=False)))
+        if a.exported and a.ablations:
+            variants += [(f"given candidates, {label}", dict(candidates="given", config=cfg))
+                         for label, cfg in ABLATIONS.get(method, {}).items()]
         for label, kw in variants:
             for sense in ("toy", "toy_full"):
                 cand = kw.get("candidates") or _default_candidates(method)
-                r = evaluate_method(method, scenes[:a.method_n], sense=sense, models=models, resolution=64,
-                                    candidates=cand, use_captions=kw.get("use_captions", True))
+                r = evaluate_method(method, scenes[:a.method_n], sense=sense, models=models,
+                                    candidates=cand, use_captions=kw.get("use_captions", True), **kw.get("config", {}))
                 target = report["faseg"] if method == "faseg" and label == "given candidates" else report["methods"]
                 target[f"{method}, {sense}, {label}"] = r
                 print(method, sense, label, json.dumps(r), flush=True)
@@ -273,12 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     (out / "probe" / f"{name}.json").write_text(json.dumps(report, indent=2))
 
 
-def _default_candidates(method: str) -> str:
+def _default_candidates(method: str) -> str | None:
+    """The method's own candidate stage, None for methods without one (OVDiff, FreeDA)."""
     import dataclasses
 
     from ovss.registry import get_method_class
 
-    return next(f.default for f in dataclasses.fields(get_method_class(method).Config) if f.name == "candidates")
+    return next((f.default for f in dataclasses.fields(get_method_class(method).Config) if f.name == "candidates"),
+                None)
 
 
 if __name__ == "__main__":
