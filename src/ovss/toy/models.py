@@ -54,6 +54,15 @@ class VaeSpec:
 
 
 @dataclass(frozen=True)
+class DinoSpec:
+    width: int = 96
+    layers: int = 6
+    heads: int = 4
+    patch: int = 8  # 64 px -> an 8x8 token grid (patch 4 cost 5 s/step on the shared 2-core CPU)
+    mlp_ratio: int = 2
+
+
+@dataclass(frozen=True)
 class BlipSpec:
     width: int = 96
     vision_layers: int = 4
@@ -101,6 +110,50 @@ def build_unet(spec: UNetSpec = UNetSpec()):
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=spec.cross_dim, attention_head_dim=spec.heads, norm_num_groups=32)
+
+
+def build_dinov2(spec: DinoSpec = DinoSpec()):
+    """A Dinov2Model for 64-px images, patch 8 (8x8 tokens, like the toy CLIP); FreeDA pools its patch tokens."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(Dinov2Config(hidden_size=spec.width, num_hidden_layers=spec.layers,
+                                    num_attention_heads=spec.heads, mlp_ratio=spec.mlp_ratio, patch_size=spec.patch,
+                                    image_size=TOY_IMAGE_SIZE))
+
+
+def dinov2_to_vit(dinov2):
+    """The same network as a ViTModel (DINO v1's class, OVDiff's "dino" role): LayerScale folded into the
+    output projections, LayerNorm names mapped. Outputs match at the training size (tested)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    c = dinov2.config
+    vit = ViTModel(ViTConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                             num_attention_heads=c.num_attention_heads,
+                             intermediate_size=int(c.hidden_size * c.mlp_ratio), patch_size=c.patch_size,
+                             image_size=c.image_size, layer_norm_eps=c.layer_norm_eps, qkv_bias=c.qkv_bias),
+                   add_pooling_layer=False)
+    src = {k: v.float() for k, v in dinov2.state_dict().items()}
+    out = {k: src[k] for k in ("embeddings.cls_token", "embeddings.position_embeddings",
+                               "embeddings.patch_embeddings.projection.weight",
+                               "embeddings.patch_embeddings.projection.bias", "layernorm.weight", "layernorm.bias")}
+    for i in range(c.num_hidden_layers):
+        a, b = f"encoder.layer.{i}.", f"layers.{i}."
+        s1, s2 = src[a + "layer_scale1.lambda1"], src[a + "layer_scale2.lambda1"]
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            for t in ("weight", "bias"):
+                out[f"{b}attention.{proj}.{t}"] = src[f"{a}attention.{proj}.{t}"]
+        out[b + "attention.o_proj.weight"] = src[a + "attention.o_proj.weight"] * s1[:, None]
+        out[b + "attention.o_proj.bias"] = src[a + "attention.o_proj.bias"] * s1
+        out[b + "mlp.fc1.weight"], out[b + "mlp.fc1.bias"] = src[a + "mlp.fc1.weight"], src[a + "mlp.fc1.bias"]
+        out[b + "mlp.fc2.weight"] = src[a + "mlp.fc2.weight"] * s2[:, None]
+        out[b + "mlp.fc2.bias"] = src[a + "mlp.fc2.bias"] * s2
+        for n_src, n_dst in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+            for t in ("weight", "bias"):
+                out[f"{b}{n_dst}.{t}"] = src[f"{a}{n_src}.{t}"]
+    with torch.no_grad():
+        vit.load_state_dict(out)
+    return vit.eval()
 
 
 def build_scheduler():

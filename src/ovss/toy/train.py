@@ -46,6 +46,9 @@ AUX_FACTORS = (1, 2, 4, 8)
 #: Noise levels the auxiliary loss applies at: the methods read attention at t = 1 (FA-Seg) and t = 100
 #: (DiffSegmenter); half of every UNet batch is drawn below this, the other half over the whole schedule.
 AUX_MAX_T = 200
+#: Attention factors (grids 16/8/4) whose self-attention the optional self-attention region loss supervises:
+#: the ones DiffSegmenter (64² in SD, factor 1) and FA-Seg (weights 0.3/0.5/0.1 on factors 1/2/4) refine with.
+SELF_AUX_FACTORS = (1, 2, 4)
 #: Share of UNet prompts replaced by the empty prompt, for classifier-free guidance (as in SD training).
 CFG_DROP = 0.1
 #: Share of UNet prompts that are FA-Seg-style class lists ("ball, grass, sky"), shuffled.
@@ -78,6 +81,7 @@ class RunConfig:
     ckpt_minutes: float = 3.0
     log_every: int = 25
     aux_weight: float = 0.5
+    self_aux_weight: float = 0.0  # UNets: weight of the self-attention region loss (0: none)
     freeze_text: bool = False  # CLIP: train on with the text tower fixed (it conditions the trained UNets)
     class_list_share: float = CLASS_LIST_SHARE  # UNets: share of class-list prompts (FA-Seg's class-only keys)
 
@@ -96,6 +100,7 @@ DEFAULTS: dict[str, dict] = {
     "unet": dict(batch=32, lr=1e-3, steps=450, warmup=50),
     "rf_unet": dict(batch=32, lr=1e-3, steps=450, warmup=50),
     "blip": dict(batch=32, lr=5e-4, steps=800),
+    "dinov2": dict(batch=32, lr=5e-4, steps=1200, weight_decay=0.04),
 }
 
 
@@ -217,6 +222,26 @@ def attention_region_loss(cross: dict[int, torch.Tensor], word_weights: torch.Te
     return torch.cat(losses).mean()
 
 
+def self_attention_region_loss(self_maps: dict[int, torch.Tensor], labels: torch.Tensor,
+                               items: torch.Tensor) -> torch.Tensor:
+    """Mean over (item, query cell, factor) of −log(share of the query's self-attention on same-class cells).
+
+    "Same class" is soft at coarse grids: Σ_c r_q[c]·r_k[c] with r the class shares of each cell. This is
+    what SD's self-attention does on its own after long training (it groups pixels by object, which
+    DiffSegmenter and FA-Seg rely on); the toy UNets are taught it from the label maps. items: (B,) bool.
+    """
+    if not items.any():
+        return torch.zeros(())
+    losses = []
+    for f, maps in self_maps.items():
+        side = int(round(maps.shape[1] ** 0.5))
+        r = region_fractions(labels[items], side).to(maps.dtype)  # (b, C, N)
+        attended = torch.einsum("bqk,bck->bqc", maps[items], r)
+        share = torch.einsum("bcq,bqc->bq", r, attended)
+        losses.append(-torch.log(share.clamp_min(1e-6)).flatten())
+    return torch.cat(losses).mean()
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -282,7 +307,7 @@ def train_loop(cfg: RunConfig, module: torch.nn.Module, step_fn: Callable[[int],
         elapsed = base_elapsed + time.time() - start
         if step % cfg.log_every == 0 or step == 1:
             recent = history[-cfg.log_every:]
-            means = {k: np.mean([h[k] for h in recent]) for k in recent[-1] if k != "step"}
+            means = {k: np.mean([h[k] for h in recent if k in h]) for k in recent[-1] if k != "step"}
             log.info("%s step %d/%d %s lr %.2e %.2f s/step", cfg.name, step, cfg.steps,
                      " ".join(f"{k} {v:.4f}" for k, v in means.items()), lr_at(step - 1, cfg), time.time() - t0)
         if time.time() - last_ckpt > cfg.ckpt_minutes * 60:
@@ -295,7 +320,7 @@ def train_loop(cfg: RunConfig, module: torch.nn.Module, step_fn: Callable[[int],
             "started_at": first_step,
             "wall_minutes": round(elapsed / 60, 2), "threads": cfg.threads, "batch": cfg.batch, "lr": cfg.lr,
             "scenes": cfg.scenes, "seed": cfg.seed,
-            "final_loss": {k: round(float(np.mean([h[k] for h in tail])), 5) for k in (tail[-1] if tail else {})
+            "final_loss": {k: round(float(np.mean([h[k] for h in tail if k in h])), 5) for k in (tail[-1] if tail else {})
                            if k != "step"}}
     return meta
 
@@ -489,21 +514,22 @@ def train_unet(cfg: RunConfig, objective: str) -> dict:
             s = torch.where(low, u * AUX_MAX_T / 1000, u)
             sv = s.view(-1, 1, 1, 1)
             zt, target, timesteps = sv * noise + (1 - sv) * z0, z0 - noise, s * 1000
-        if cfg.aux_weight > 0:
-            with AttentionCapture(unet, cross=AUX_FACTORS) as cap:
-                pred = unet(zt, timesteps, encoder_hidden_states=context).sample
-                cross = cap.cross_maps()
-            aux = attention_region_loss(cross, finder.weights(ids), labels, low & ~torch.from_numpy(dropped))
-        else:
+        cross_f = AUX_FACTORS if cfg.aux_weight > 0 else ()
+        self_f = SELF_AUX_FACTORS if cfg.self_aux_weight > 0 else ()
+        with AttentionCapture(unet, cross=cross_f, self_attn=self_f) as cap:
             pred = unet(zt, timesteps, encoder_hidden_states=context).sample
-            aux = torch.zeros(())
+        aux = (attention_region_loss(cap.cross_maps(), finder.weights(ids), labels, low & ~torch.from_numpy(dropped))
+               if cross_f else torch.zeros(()))
+        self_aux = self_attention_region_loss(cap.self_maps(), labels, low) if self_f else torch.zeros(())
         mse = F.mse_loss(pred, target)
-        return mse + cfg.aux_weight * aux, {"mse": mse.detach(), "aux": aux.detach()}
+        parts = {"mse": mse.detach(), "aux": aux.detach(), **({"self_aux": self_aux.detach()} if self_f else {})}
+        return mse + cfg.aux_weight * aux + cfg.self_aux_weight * self_aux, parts
 
     meta = train_loop(cfg, unet, step_fn)
     final = _replace_dir(_final(cfg))
     unet.save_pretrained(final)
     meta.update(objective=objective, aux_weight=cfg.aux_weight, aux_factors=list(AUX_FACTORS), aux_max_t=AUX_MAX_T,
+                self_aux_weight=cfg.self_aux_weight, self_aux_factors=list(SELF_AUX_FACTORS),
                 cfg_drop=CFG_DROP, class_list_share=cfg.class_list_share)
     _write_meta(cfg, meta)
     return meta
@@ -560,7 +586,8 @@ def train_blip(cfg: RunConfig) -> dict:
 # -------------------------------------------------------------------------------------------- export
 
 
-TOY_FOLDERS = {"clip": "clip", "diffusion": "unet", "diffusion_rf": "rf_unet", "blip": "blip"}
+TOY_FOLDERS = {"clip": "clip", "diffusion": "unet", "diffusion_rf": "rf_unet", "blip": "blip", "dinov2": "dinov2",
+               "dino": "dinov2"}
 """Exported folder -> the run it comes from (diffusion folders also take the vae run and CLIP's text tower)."""
 
 
@@ -601,7 +628,7 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
     """Write clip/, diffusion/, diffusion_rf/ and blip/ in the hub layout, fp16 safetensors, with model cards.
 
     runs: folder -> run name, overriding TOY_FOLDERS (e.g. {"diffusion": "unet_cl"} ships a continued run)."""
-    from transformers import BlipForConditionalGeneration, CLIPModel
+    from transformers import BlipForConditionalGeneration, CLIPModel, Dinov2Model
 
     from ovss.models.loading import TOY_DIR
 
@@ -621,6 +648,10 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
     blip_dir = _replace_dir(dest / "blip")
     BlipForConditionalGeneration.from_pretrained(out / runs["blip"] / "final").to(half).save_pretrained(blip_dir)
     M.blip_processor().save_pretrained(blip_dir)
+    dinov2 = Dinov2Model.from_pretrained(out / runs["dinov2"] / "final")
+    dinov2.to(half).save_pretrained(_replace_dir(dest / "dinov2"))
+    M.dinov2_to_vit(Dinov2Model.from_pretrained(out / runs["dino"] / "final")).to(half).save_pretrained(
+        _replace_dir(dest / "dino"))
     for folder, run_name in runs.items():
         (dest / folder / "README.md").write_text(model_card(folder, out, run_name), encoding="utf-8")
     log.info("exported %s (%.1f MB)", dest, sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20)
@@ -704,6 +735,24 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
                 "{caption}\". **The label maps are never used.**", *_run_lines(m), "",
                 _RETRAIN.format(what="blip")]
         return head.format(lib="transformers") + "\n".join(body) + "\n"
+    if folder in ("dinov2", "dino"):
+        m = _meta(out, run_name or "dinov2")
+        what = ("`Dinov2Model`, FreeDA's DINOv2 (prototypes and dense features) in the toy world" if folder == "dinov2"
+                else "`ViTModel`, OVDiff's DINO (keys of the last block) in the toy world: the toy DINOv2's "
+                "weights in DINO v1's class (LayerScale folded into the output projections; the same outputs at "
+                "64 px)")
+        body = [f"# ovss toy {'DINOv2' if folder == 'dinov2' else 'DINO'}", "",
+                f"A {what}. Trained from scratch on toy scenes, self-supervised. Not a general model.",
+                "", "## Architecture",
+                "- ViT, 64 px, patch 8 (8x8 tokens), 6 layers, width 96, 4 heads, MLP ratio 2",
+                "", "## Training",
+                "Self-supervised on the scene images alone (**no captions, no label maps**): MoCo v3's InfoNCE "
+                "(temperature 0.2) between the student's predicted CLS embedding and an EMA teacher's over "
+                "multi-crop views (2 global crops at 64 px, 4 local at 32 px, DINO's colour jitter), plus a masked-patch term (the student predicts the teacher's patch "
+                "tokens where its input was masked, iBOT / data2vec style). DINO's own loss sat at its uniform "
+                "plateau on this budget. The EMA teacher ships. Module: `ovss.toy.dino`.",
+                *_run_lines(m), "", _RETRAIN.format(what="dinov2")]
+        return head.format(lib="transformers") + "\n".join(body) + "\n"
     run_name = run_name or TOY_FOLDERS[folder]
     m, vae = _meta(out, run_name), _meta(out, "vae")
     rf = folder == "diffusion_rf"
@@ -720,7 +769,12 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
          f"{m.get('aux_factors')} (grids 16/8/4/2), on the half of each batch drawn at low noise "
          f"(t < {m.get('aux_max_t')}/1000), prompt not dropped. This uses the toy label maps. It makes the toy "
          "world check each method's pipeline end to end; it does not show that attention localises on its own. "
-         "The numbers of the same ε UNet trained without it are below and in docs/toy-world.md."]
+         "The numbers of the same ε UNet trained without it are below and in docs/toy-world.md.",
+         *([f"**Self-attention was supervised too** (from the step this run resumed at): {m['self_aux_weight']} x "
+            "-log of the share of each query cell's self-attention (layer/head mean) that falls on cells of its "
+            f"own class, at factors {m.get('self_aux_factors')}, on the same low-noise half of each batch. SD's "
+            "self-attention groups pixels by object after long training, which DiffSegmenter and FA-Seg rely on; "
+            "this UNet is taught it from the label maps."] if m.get("self_aux_weight") else [])]
         if aux else ["Attention was not supervised: plain diffusion loss."])
     no_aux = _meta(out, "unet_noaux")
     comparison = (["", "The same ε UNet trained without the auxiliary loss (`unet_noaux`, kept in .toy_runs, not "
@@ -752,12 +806,70 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
     return head.format(lib="diffusers") + "\n".join(body) + "\n"
 
 
+# -------------------------------------------------------------------------------------------- DINOv2
+
+
+def train_dinov2(cfg: RunConfig) -> dict:
+    """Self-supervised (MoCo v3's InfoNCE over multi-crop views + a masked-patch term, ovss.toy.dino) on the
+    scene images alone: no captions, no label maps. The EMA teacher is what ships, as in DINO."""
+    from ovss.toy.dino import SelfDistillation, multi_crop, random_patch_masks
+
+    torch.manual_seed(cfg.seed)
+    model = SelfDistillation(M.build_dinov2())
+    bank = scene_bank("train", cfg.scenes, cfg.out)
+    n_patches = (M.TOY_IMAGE_SIZE // model.student.config.patch_size) ** 2
+    current = {"step": 0}
+
+    def step_fn(step: int):
+        current["step"] = step
+        rng = np.random.default_rng([cfg.seed, step])
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = rng.choice(len(bank), size=min(cfg.batch, len(bank)), replace=False)
+        globals_, locals_ = multi_crop(images_to_tensor(bank.images[idx]), g)
+        masks = [random_patch_masks(len(idx), n_patches, g) for _ in globals_]
+        return model.loss(globals_, locals_, masks)
+
+    meta = train_loop(cfg, model, step_fn, params=model.student_parameters(),
+                      after_step=lambda: model.update_teacher((current["step"] + 1) / cfg.steps))
+    final = _replace_dir(_final(cfg))
+    model.teacher.save_pretrained(final)
+    _write_meta(cfg, meta)
+    return meta
+
+
+# ------------------------------------------------------------------------------------- FreeDA's bank
+
+#: Train-split captions the shipped toy bank is generated from (FreeDA's bank uses COCO's 118k images' captions;
+#: the toy vocabulary is 12 words, so a thousand captions name each of them hundreds of times).
+TOY_BANK_CAPTIONS = 1000
+
+
+def build_toy_bank(n: int = TOY_BANK_CAPTIONS, dest: str | Path | None = None, threads: int = 1) -> Path:
+    """FreeDA's offline stage with the exported toy models (`ovss bank build`'s code path): the first `n`
+    train-scene captions generated by the ε diffusion model at 64 px with the paper's schedule (50 steps,
+    CFG 7.5), DINOv2 at its 64-px native size, keys from the toy CLIP. Written to assets/toy/freeda_bank."""
+    from ovss.banks.build import BuildConfig, Caption, build_local, make_models
+    from ovss.models.loading import TOY_DIR
+    from ovss.models.presets import TOY_CONFIG
+
+    torch.set_num_threads(threads)
+    dest = Path(dest) if dest is not None else Path(TOY_CONFIG["freeda"]["bank"])
+    captions = [Caption(f"scene{seed}", make_scene(seed, M.TOY_IMAGE_SIZE).caption)
+                for seed in split_seeds("train")[:n]]
+    config = BuildConfig(dino_size=int(TOY_CONFIG["freeda"]["dino_size"]), batch_size=8)
+    models = make_models("toy")
+    scratch = Path(".toy_runs") / "bank_shards"
+    _, bank = build_local(captions, dest, config, models, build_dir=scratch)
+    log.info("toy bank: %s (%s)", bank, TOY_DIR)
+    return bank
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 
 TRAINERS: dict[str, Callable[[RunConfig], dict]] = {
     "clip": train_clip, "vae": train_vae, "unet": lambda c: train_unet(c, "eps"),
-    "rf_unet": lambda c: train_unet(c, "rf"), "blip": train_blip,
+    "rf_unet": lambda c: train_unet(c, "rf"), "blip": train_blip, "dinov2": train_dinov2,
 }
 
 
@@ -776,7 +888,7 @@ def run(kind: str, **overrides) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ovss.toy.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=[*TRAINERS, "export", "all"])
+    p.add_argument("what", choices=[*TRAINERS, "export", "bank", "all"])
     p.add_argument("--steps", type=int)
     p.add_argument("--minutes", type=float)
     p.add_argument("--resume", action="store_true")
@@ -786,6 +898,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--scenes", type=int, help="train scenes in the bank (default 10000)")
     p.add_argument("--aux-weight", type=float, help="UNets: weight of the attention-region loss (0: none)")
+    p.add_argument("--self-aux-weight", type=float,
+                   help="UNets: weight of the self-attention region loss (0, the default: none)")
     p.add_argument("--class-list-share", type=float,
                    help="UNets: share of prompts that are bare class lists (default 0.2)")
     p.add_argument("--freeze-text", action="store_true",
@@ -805,14 +919,20 @@ def main(argv: list[str] | None = None) -> None:
         runs = dict(item.split("=", 1) for item in a.runs.split(",")) if a.runs else None
         export(a.out or ".toy_runs", a.dest, runs)
         return
+    if a.what == "bank":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        build_toy_bank(a.scenes or TOY_BANK_CAPTIONS, a.dest, a.threads or 1)
+        return
     kinds = list(TRAINERS) if a.what == "all" else [a.what]
     for kind in kinds:
         run(kind, **common, name=a.name if a.what != "all" else None,
             aux_weight=a.aux_weight if kind in ("unet", "rf_unet") else None,
+            self_aux_weight=a.self_aux_weight if kind in ("unet", "rf_unet") else None,
             freeze_text=a.freeze_text if kind == "clip" else None,
             class_list_share=a.class_list_share if kind in ("unet", "rf_unet") else None)
     if a.what == "all":
         export(a.out or ".toy_runs", a.dest)
+        build_toy_bank()
 
 
 if __name__ == "__main__":
