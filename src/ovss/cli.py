@@ -398,7 +398,9 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--size", type=int, default=160, help="scene side in pixels (default: 160)")
     p.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
     _add_device_options(p, dtype=None)
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the methods (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sets the seed of every method that has one (default: each method's own, e.g. OVDiff's "
+                        "support-set seed 42, so that its cached prototypes are reused)")
     p.set_defaults(func=_cmd_demo)
 
 

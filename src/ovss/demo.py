@@ -1,8 +1,9 @@
 """`ovss demo`: every method on a few toy-world scenes, offline, in minutes on a CPU.
 
 It is README's main job: it shows a newcomer what each method produces (overlays, a side-by-side grid) and
-how well (mIoU next to the trivial baselines), using the shipped toy models. Until those are installed it
-falls back to tiny random-weight models and says so: then the output shows the plumbing, not segmentation.
+how well (mIoU next to the trivial baselines), using the shipped toy models (and FreeDA's toy bank; OVDiff
+builds and caches its toy prototypes on first use). Until those are installed it falls back to tiny
+random-weight models and says so: then the output shows the plumbing, not segmentation.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def toy_models_installed() -> bool:
 
 
 def run_demo(out_dir: str | Path, *, models: str | None = None, n: int = 6, size: int = 160,
-             methods: list[str] | None = None, device: str | None = None, seed: int = 0) -> DemoResult:
+             methods: list[str] | None = None, device: str | None = None, seed: int | None = None) -> DemoResult:
     """Segment `n` toy test scenes with each method over the whole toy vocabulary (stuff and things, every
     pixel labelled); write OUT/<method>/ outputs, OUT/grid.png (scene | truth | methods), OUT/results.{json,md}."""
     out = Path(out_dir)
@@ -76,7 +77,8 @@ def run_demo(out_dir: str | Path, *, models: str | None = None, n: int = 6, size
             result.failures[name] = str(err).splitlines()[0]
             continue
         try:
-            seg = ovss.create(name, models=models, device=device, **({"seed": seed} if "seed" in fields else {}))
+            seeded = {"seed": seed} if seed is not None and "seed" in fields else {}
+            seg = ovss.create(name, models=models, device=device, **seeded)
         except (ModelNotFoundError, ValueError) as err:  # toy models not trained yet, or no FreeDA bank given
             result.skipped[name] = str(err).splitlines()[0]
             continue

@@ -100,7 +100,7 @@ DEFAULTS: dict[str, dict] = {
     "unet": dict(batch=32, lr=1e-3, steps=450, warmup=50),
     "rf_unet": dict(batch=32, lr=1e-3, steps=450, warmup=50),
     "blip": dict(batch=32, lr=5e-4, steps=800),
-    "dinov2": dict(batch=32, lr=5e-4, steps=1200, weight_decay=0.04),
+    "dinov2": dict(batch=32, lr=1e-3, steps=900, weight_decay=0.04),
 }
 
 
