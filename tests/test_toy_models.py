@@ -250,8 +250,8 @@ def test_shipped_text_encoders_equal_the_clip_text_tower():
 
 
 #: mIoU over the caption prior (toy_full, given candidates) that each method must clear on 8 val scenes. Measured
-#: on these 8 scenes: FA-Seg +17.8, DiffSegmenter +18.5, FreeDA +2.2, OVDiff (8 support images) -0.5; on 50
-#: scenes (docs/toy-world.md) +20.8 / +14.4 / +7.1 / +0.2. FA-Seg and DiffSegmenter must stay far above the prior
+#: on these 8 scenes: FA-Seg +24.7, DiffSegmenter +18.5, FreeDA +2.2, OVDiff (8 support images) -0.5; on 50
+#: scenes (docs/toy-world.md) +23.1 / +14.4 / +7.1 / +0.3. FA-Seg and DiffSegmenter must stay far above the prior
 #: (a shuffled token or a wrong layer falls to it); the toy DINO is weak on shapes, so OVDiff and FreeDA sit near
 #: the prior and their floors only catch a collapse below it (the most-frequent-class rule gets 2).
 TOY_FLOORS = {"faseg": 10.0, "diffsegmenter": 10.0, "freeda": -5.0, "ovdiff": -8.0}

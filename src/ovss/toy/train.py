@@ -770,7 +770,8 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
          f"(t < {m.get('aux_max_t')}/1000), prompt not dropped. This uses the toy label maps. It makes the toy "
          "world check each method's pipeline end to end; it does not show that attention localises on its own. "
          "The numbers of the same ε UNet trained without it are below and in docs/toy-world.md.",
-         *([f"**Self-attention was supervised too** (from the step this run resumed at): {m['self_aux_weight']} x "
+         *([f"**Self-attention was supervised too** (from the self-attention phase on, see docs/toy-world.md): "
+            f"{m['self_aux_weight']} x "
             "-log of the share of each query cell's self-attention (layer/head mean) that falls on cells of its "
             f"own class, at factors {m.get('self_aux_factors')}, on the same low-noise half of each batch. SD's "
             "self-attention groups pixels by object after long training, which DiffSegmenter and FA-Seg rely on; "
