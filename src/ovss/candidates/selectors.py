@@ -92,16 +92,22 @@ class BlipNounsSelector:
         return [names_in_caption(c, vocabulary, self.synonyms) for c in caps]
 
 
-@dataclass(frozen=True)
-class ClipSelector:
-    """CLIP image–class scores relative to the top score (the `blip_clip` rule without its caption part)."""
+class _OneClipRole:
+    """Selectors that read one CLIP model, from the role their `clip_role` field names."""
 
-    rel_threshold: float = IMAGE_REL_THRESHOLD
-    clip_role: str = "tagger"
+    clip_role: str
 
     @property
     def roles(self) -> tuple[str, ...]:
         return (self.clip_role,)
+
+
+@dataclass(frozen=True)
+class ClipSelector(_OneClipRole):
+    """CLIP image–class scores relative to the top score (the `blip_clip` rule without its caption part)."""
+
+    rel_threshold: float = IMAGE_REL_THRESHOLD
+    clip_role: str = "tagger"
 
     def __call__(self, images: list[Image.Image], vocabulary: list[str], *, models: Any = None,
                  captions: list[str] | None = None, given: list[list[str]] | None = None) -> list[list[str]]:
@@ -131,7 +137,7 @@ class BlipClipSelector:
 
 
 @dataclass(frozen=True)
-class TagCLIPSelector:
+class TagCLIPSelector(_OneClipRole):
     """TagCLIP tags (tagclip.md). `aliases` maps display names to prompt spellings (e.g. "dining table" ->
     "diningtable"), which the published tags were produced with; results use the display names."""
 
@@ -141,10 +147,6 @@ class TagCLIPSelector:
     official_quirks: bool = True
     max_tokens: int | None = None
     clip_role: str = "tagger"
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return (self.clip_role,)
 
     def __call__(self, images: list[Image.Image], vocabulary: list[str], *, models: Any = None,
                  captions: list[str] | None = None, given: list[list[str]] | None = None) -> list[list[str]]:
