@@ -214,3 +214,22 @@ def test_cli_build_with_shards(tmp_path, monkeypatch, capsys):
                  "--shard", "19/20", *sets]) == 0
     assert "1 class(es) built" in capsys.readouterr().out
     assert (tmp_path / PrototypeCache.class_slug("monitor")).is_dir()  # VOC's tvmonitor, in OVDiff's spelling
+
+
+def test_model_fingerprints_follow_the_weights_in_a_folder(tmp_path):
+    """OVDiff's cache keys use these: prototypes of a re-trained local model (or of new toy models) are rebuilt."""
+    from ovss.models.presets import ModelSet, folder_digest
+
+    d = tmp_path / "sd"
+    (d / "unet").mkdir(parents=True)
+    (d / "unet" / "weights.safetensors").write_bytes(b"one")
+    ms = ModelSet("ovdiff", {"diffusion": str(d)})
+    before = ms.fingerprint("diffusion")
+    assert before.startswith(f"{d}@") and before == ms.fingerprint("diffusion")
+    (d / "unet" / "weights.safetensors").write_bytes(b"two")
+    folder_digest.cache_clear()
+    assert ms.fingerprint("diffusion") != before
+    assert ms.fingerprint("dino") == "facebook/dino-vitb8"  # hub ids as given
+    assert ModelSet("ovdiff", "tiny").fingerprint("diffusion") == "tiny"
+    eps, rf = ModelSet("ovdiff", "toy").fingerprint("diffusion"), ModelSet("faseg", "toy").fingerprint("diffusion")
+    assert eps.startswith("toy@") and rf.startswith("toy@") and eps != rf  # the ε and RF toy folders

@@ -681,22 +681,23 @@ class OVDiff(Method):
 
     def support_settings(self, name: str) -> dict:
         """Everything that changes a class's support set (the cache key of its folder)."""
-        cfg, src = self.config, self.models.sources()
-        s = {"prompt": cfg.prompt_template.format(self.prompt_name(name)), "diffusion": src["diffusion"],
+        cfg = self.config
+        s = {"prompt": cfg.prompt_template.format(self.prompt_name(name)),
+             "diffusion": self.models.fingerprint("diffusion"),
              "dtype": str(self.models.dtype_of("diffusion")), "scheduler": cfg.scheduler, "steps": cfg.steps,
              "guidance": float(cfg.guidance), "negative_prompt": cfg.negative_prompt, "n_support": cfg.n_support,
              "support_batch": cfg.support_batch, "seed": self.class_seed(name), "support_noise": cfg.support_noise,
              "size": self.support_size, "attention_upsample": cfg.attention_upsample, "mask_source": cfg.mask_source}
         if cfg.mask_source == "sam":
-            s.update(sam=src["sam"], sam_points_per_side=cfg.sam_points_per_side,
+            s.update(sam=self.models.fingerprint("sam"), sam_points_per_side=cfg.sam_points_per_side,
                      sam_pred_iou_thresh=cfg.sam_pred_iou_thresh, sam_stability_thresh=cfg.sam_stability_thresh,
                      sam_nms_thresh=cfg.sam_nms_thresh, cutler_fallback=cfg.cutler_fallback, bg_refine=cfg.bg_refine)
         return s
 
     def extractor_settings(self, extractor: str) -> dict:
         """Everything that changes one extractor's prototypes given the support set."""
-        cfg, src = self.config, self.models.sources()
-        s = {"model": src[EXTRACTOR_ROLES[extractor]], "k_parts": cfg.k_parts, "mask_resize": cfg.mask_resize,
+        cfg = self.config
+        s = {"model": self.models.fingerprint(EXTRACTOR_ROLES[extractor]), "k_parts": cfg.k_parts, "mask_resize": cfg.mask_resize,
              "kmeans": "torch-lloyd-kmeans++", "kmeans_seed": 0}
         if extractor == "sd":
             s.update(dtype=str(self.models.dtype_of("diffusion")), layers=list(cfg.sd_layers),

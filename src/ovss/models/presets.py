@@ -5,7 +5,10 @@ A method names roles ("diffusion", "captioner", ...), never checkpoints, so user
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -61,6 +64,22 @@ TOY_CONFIG: dict[str, dict[str, object]] = {
 FULL_PRECISION_KINDS = frozenset({"clip", "blip", "dinov2", "dino", "sam"})
 
 _SHORTCUTS = ("tiny", "toy", "random")
+#: Folders up to this size are digested by content; bigger ones by file names and sizes (a 4 GB checkpoint
+#: would take seconds to hash at every run).
+_CONTENT_DIGEST_MAX_BYTES = 256 * 2**20
+
+
+@functools.lru_cache(maxsize=32)
+def folder_digest(folder: Path) -> str:
+    """12 hex digits over the folder's files (relative names, sizes and, for small folders, contents)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    by_content = sum(p.stat().st_size for p in files) <= _CONTENT_DIGEST_MAX_BYTES
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(folder).as_posix()}\t{p.stat().st_size}\n".encode())
+        if by_content:
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class ModelSet:
@@ -119,6 +138,20 @@ class ModelSet:
     def sources(self) -> dict[str, str]:
         """role -> source as given (hub id, folder, "tiny", "toy"), for reports."""
         return dict(self._sources)
+
+    def fingerprint(self, role: str) -> str:
+        """The role's source for cache keys: for weights in a folder ("toy", a local path) the source plus a
+        digest of the folder's files, so cached prototypes are rebuilt when those weights change (a new ovss
+        release's toy models, a re-trained local checkpoint); hub ids as given (a revision pins them)."""
+        self._check_roles([role])
+        source = self._sources[role]
+        if source == "toy":
+            folder = TOY_DIR / TOY_PRESETS.get(self.method, {}).get(role, role)
+        elif source not in _SHORTCUTS and Path(source).is_dir():
+            folder = Path(source)
+        else:
+            return source
+        return f"{source}@{folder_digest(folder)}"
 
     def kind(self, role: str) -> str:
         self._check_roles([role])
