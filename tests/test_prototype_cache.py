@@ -231,5 +231,10 @@ def test_model_fingerprints_follow_the_weights_in_a_folder(tmp_path):
     assert ms.fingerprint("diffusion") != before
     assert ms.fingerprint("dino") == "facebook/dino-vitb8"  # hub ids as given
     assert ModelSet("ovdiff", "tiny").fingerprint("diffusion") == "tiny"
+    from ovss.banks.build import BuildConfig, bank_settings
+
+    freeda = ModelSet("freeda", {"diffusion": str(d), "clip": "tiny", "dinov2": "tiny"})
+    assert bank_settings(BuildConfig(), freeda, [])["models"] == {"diffusion": ms.fingerprint("diffusion"),
+                                                                  "dinov2": "tiny", "clip": "tiny"}
     eps, rf = ModelSet("ovdiff", "toy").fingerprint("diffusion"), ModelSet("faseg", "toy").fingerprint("diffusion")
     assert eps.startswith("toy@") and rf.startswith("toy@") and eps != rf  # the ε and RF toy folders

@@ -281,8 +281,10 @@ class Builder:
 
 
 def bank_settings(config: BuildConfig, models: ModelSet, captions: Sequence[Caption]) -> dict[str, Any]:
-    """What the bank depends on: models (sources and generator dtype), the build config, the caption list."""
-    return {"source": "ovss-build", "models": models.sources(), "diffusion_dtype": str(models.dtype_of("diffusion")),
+    """What the bank depends on: models (sources, with a digest of folder-held weights, and the generator dtype),
+    the build config, the caption list. A rebuild after the weights change therefore starts afresh."""
+    return {"source": "ovss-build", "models": {role: models.fingerprint(role) for role in models.roles},
+            "diffusion_dtype": str(models.dtype_of("diffusion")),
             "build": config.hashed(), "captions": {"count": len(captions), "sha256": captions_digest(captions)}}
 
 

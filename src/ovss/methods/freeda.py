@@ -236,12 +236,12 @@ class FreeDA(Method):
                              f"prototypes, the models give {clip.config.projection_dim}-d CLIP and "
                              f"{dino.config.hidden_size}-d DINOv2 features: use the models it was built with "
                              f"({self.bank.models})")
-        ours = self.models.sources()
         for role in ("clip", "dinov2"):
-            if role in self.bank.models and self.bank.models[role] != ours[role]:
+            ours = self.models.fingerprint(role)  # source, plus a weights digest for folders (as the build records)
+            if role in self.bank.models and self.bank.models[role] != ours:
                 log.warning("freeda: the bank's %s is %r but this run uses %r: keys and queries must come from "
                             "the same model (trap: retrieval is meaningless otherwise)", role,
-                            self.bank.models[role], ours[role])
+                            self.bank.models[role], ours)
 
     # -- per vocabulary ---------------------------------------------------------------------------------
     def vocabulary(self, classes: Sequence[str]) -> Vocabulary:
