@@ -697,8 +697,8 @@ class OVDiff(Method):
     def extractor_settings(self, extractor: str) -> dict:
         """Everything that changes one extractor's prototypes given the support set."""
         cfg = self.config
-        s = {"model": self.models.fingerprint(EXTRACTOR_ROLES[extractor]), "k_parts": cfg.k_parts, "mask_resize": cfg.mask_resize,
-             "kmeans": "torch-lloyd-kmeans++", "kmeans_seed": 0}
+        s = {"model": self.models.fingerprint(EXTRACTOR_ROLES[extractor]), "k_parts": cfg.k_parts,
+             "mask_resize": cfg.mask_resize, "kmeans": "torch-lloyd-kmeans++", "kmeans_seed": 0}
         if extractor == "sd":
             s.update(dtype=str(self.models.dtype_of("diffusion")), layers=list(cfg.sd_layers),
                      timestep=cfg.sd_timestep, noise_seed=cfg.sd_noise_seed)

@@ -72,11 +72,11 @@ _CONTENT_DIGEST_MAX_BYTES = 256 * 2**20
 @functools.lru_cache(maxsize=32)
 def folder_digest(folder: Path) -> str:
     """12 hex digits over the folder's files (relative names, sizes and, for small folders, contents)."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    by_content = sum(p.stat().st_size for p in files) <= _CONTENT_DIGEST_MAX_BYTES
+    sizes = {p: p.stat().st_size for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    by_content = sum(sizes.values()) <= _CONTENT_DIGEST_MAX_BYTES
     h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(folder).as_posix()}\t{p.stat().st_size}\n".encode())
+    for p, size in sizes.items():
+        h.update(f"{p.relative_to(folder).as_posix()}\t{size}\n".encode())
         if by_content:
             h.update(p.read_bytes())
     return h.hexdigest()[:12]
@@ -127,10 +127,14 @@ class ModelSet:
         if role not in self._cache:
             self._check_roles([role])
             source = self._sources[role]
-            folder = TOY_PRESETS.get(self.method, {}).get(role, role) if source == "toy" else role
+            folder = self._toy_folder(role) if source == "toy" else role
             self._cache[role] = load_component(self._kinds[role], source, device=self.device,
                                                dtype=self._dtypes[role], role=folder)
         return self._cache[role]
+
+    def _toy_folder(self, role: str) -> str:
+        """The shipped toy folder that plays `role` for this method (TOY_PRESETS; default: the role's name)."""
+        return TOY_PRESETS.get(self.method, {}).get(role, role)
 
     def is_loaded(self, role: str) -> bool:
         return role in self._cache
@@ -146,7 +150,7 @@ class ModelSet:
         self._check_roles([role])
         source = self._sources[role]
         if source == "toy":
-            folder = TOY_DIR / TOY_PRESETS.get(self.method, {}).get(role, role)
+            folder = TOY_DIR / self._toy_folder(role)
         elif source not in _SHORTCUTS and Path(source).is_dir():
             folder = Path(source)
         else:

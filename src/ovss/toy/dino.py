@@ -12,6 +12,7 @@ left InfoNCE near chance for 200 steps.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -53,6 +54,11 @@ def _affine_crops(x: torch.Tensor, side: int, scale: tuple[float, float], g: tor
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """Rec. 601 luma of (B, 3, H, W), broadcast back to 3 channels (the Y row of the YIQ matrix below)."""
+    return (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand_as(x)
+
+
 def _colour_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8, gray: float = 0.2) -> torch.Tensor:
     """DINO's ColorJitter(0.4, 0.4, 0.2, 0.1) with probability p (hue as a rotation in YIQ, ±0.1 of a turn),
     grayscale with probability `gray`."""
@@ -65,7 +71,7 @@ def _colour_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8, gray: fl
     x = x * factor(0.6, 1.4)
     mean = x.mean((1, 2, 3), keepdim=True)
     x = (x - mean) * factor(0.6, 1.4) + mean
-    luma = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand_as(x)
+    luma = _luma(x)
     x = (x - luma) * factor(0.8, 1.2) + luma
     turn = 0.1 * 2 * math.pi
     angle = torch.where(torch.rand(b, generator=g) < p, torch.empty(b).uniform_(-turn, turn, generator=g),
@@ -77,7 +83,7 @@ def _colour_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8, gray: fl
     m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (b, 3, 3)
     x = torch.einsum("bij,bjhw->bihw", m, x)
     gray_on = (torch.rand(b, generator=g) < gray).view(b, 1, 1, 1)
-    x = torch.where(gray_on, (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand_as(x), x)
+    x = torch.where(gray_on, _luma(x), x)
     return x.clamp(0, 1)
 
 
@@ -105,8 +111,6 @@ class SelfDistillation(nn.Module):
 
     def __init__(self, backbone: nn.Module, dim_out: int = 64, hidden: int = 256) -> None:
         super().__init__()
-        import copy
-
         dim = backbone.config.hidden_size
         self.student, self.projector = backbone, mlp(dim, hidden, dim_out)
         self.predictor = mlp(dim_out, hidden, dim_out)
