@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,12 @@ def test_atomic_safetensors_roundtrip_and_failed_write(tmp_path):
     got, meta = load_safetensors(path)
     assert meta == {"class": "cat", "n": "3"}
     assert all(torch.equal(got[k], v) for k, v in t.items()) and got["empty"].shape == (0, 5)
+    umask = os.umask(0o022)
+    try:  # the umask decides who may read a bank or cache, not safetensors (its save_file leaves 0600)
+        atomic_save_safetensors(path, t)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)
     before = path.read_bytes()
     shared = torch.zeros(4)
     with pytest.raises(Exception):  # tensors sharing memory are refused by safetensors mid-write

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from ovss.io import write_json
+from ovss.io import atomic_write, write_json
 
 #: manifest "format" field; bump `MANIFEST_VERSION` when the layout of `data` changes incompatibly
 MANIFEST_FORMAT = "ovss-cache-manifest"
@@ -50,21 +49,16 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch
                             metadata: Mapping[str, str] | None = None) -> Path:
     """Write `tensors` (moved to CPU, made contiguous) to `path` through a temporary file and a rename.
 
-    The file is fsynced before the rename so that a power cut cannot leave a renamed but empty file.
+    The file is fsynced before the rename so that a power cut cannot leave a renamed but empty file. It is
+    serialised in memory and written by `atomic_write`, not by safetensors' `save_file`, which renames its
+    own temporary file into place with owner-only permissions (a bank built for a lab would be unreadable
+    to the rest of it); here the umask decides, as for every other file ovss writes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    try:
-        save_file(flat, str(tmp), metadata=None if metadata is None else {str(k): str(v) for k, v in metadata.items()})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    data = save(flat, metadata=None if metadata is None else {str(k): str(v) for k, v in metadata.items()})
+    return atomic_write(path, lambda f: f.write(data), durable=True)
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 _PALETTE_SIZE = 256
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call `write(file)` on a temporary file next to `path`, then rename it over `path`."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, durable: bool = False) -> Path:
+    """Call `write(file)` on a temporary file next to `path`, then rename it over `path`.
+
+    durable: fsync before the rename, so that a power cut cannot leave a renamed but empty file (caches and
+    banks, which a later run trusts; skipped for per-image outputs, where it would cost a sync per file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # os.open with 0o666 lets the umask decide permissions (mkstemp would leave files private to the owner)
@@ -35,6 +38,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
