@@ -48,11 +48,14 @@ TOY_PRESETS: dict[str, dict[str, str]] = {
 #: models="toy": config defaults that put a method's geometry at the toy world's scale (64-px images: the
 #: 448-px crops, windows and strides of OVDiff's and FreeDA's protocols scaled by 1/7, DINO inputs at the toy
 #: DINO's 64 px; OVDiff's SD layers are the same blocks of the toy UNet, which has 2 attentions per up block
-#: where SD-1.5 has 3) and point FreeDA at the shipped toy bank. Options the caller passes win. FA-Seg and
+#: where SD-1.5 has 3) and point FreeDA at the shipped toy bank. OVDiff's negative prompt ("text, low quality,
+#: blurry, cartoon, ...") is made of words the toy text tower never saw, so here it is not "low quality" but
+#: untrained embeddings, and guiding away from them left the toy UNet's support images without a single thing
+#: (docs/toy-world.md); its toy counterpart is the empty prompt. Options the caller passes win. FA-Seg and
 #: DiffSegmenter need none: they already work at the diffusion model's native size.
 TOY_CONFIG: dict[str, dict[str, object]] = {
     "ovdiff": {"short_side": 64, "windows": (64, 48), "stride": 32, "clip_window_size": 64, "dino_max_side": 64,
-               "dino_long_cap": 114,
+               "dino_long_cap": 114, "negative_prompt": "",
                "sd_layers": ("down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0",
                              "up_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
                              "up_blocks.3.attentions.1")},

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ovss.models.tiny import SD_SCHEDULER, blip_vocab
 from ovss.text.clip_bpe import BOS_ID, EOS_ID, VOCAB_SIZE
-from ovss.toy.scenes import TOY_CLASSES, TOY_COLORS, TOY_THINGS
+from ovss.toy.scenes import TOY_CLASSES, TOY_COLORS, TOY_THINGS, plural
 
 #: Side of every toy image, and the VAE's downsampling factor (3 levels) -> 16x16x4 latents.
 TOY_IMAGE_SIZE = 64
@@ -23,8 +23,6 @@ TOY_VAE_FACTOR = 4
 TOY_LATENT_SIZE = TOY_IMAGE_SIZE // TOY_VAE_FACTOR
 #: CLIP's temperature initialisation, 1/0.07 (CLIP paper §2.5); learnable.
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-#: Irregular plurals of toy things in the captions (the others add "s").
-TOY_PLURALS = {"box": "boxes"}
 
 
 @dataclass(frozen=True)
@@ -169,7 +167,7 @@ def toy_blip_vocab() -> dict[str, int]:
     Appended after every shipped id, so shipped ids keep their meaning; without them BLIP would spell "heart"
     or "triangles" piece by piece."""
     vocab = dict(blip_vocab())
-    words = [*TOY_CLASSES, *(TOY_PLURALS.get(t, t + "s") for t in TOY_THINGS), *TOY_COLORS,
+    words = [*TOY_CLASSES, *(plural(t) for t in TOY_THINGS), *TOY_COLORS,
              "brick", "before", "toy", "photograph"]
     for w in words:
         if w not in vocab:

@@ -99,19 +99,26 @@ def word_maps(dm: Any, scenes: Sequence[Scene], *, objective: str = "eps", times
 def binding_probe(dm: Any, scenes: Sequence[Scene], **kwargs) -> dict[str, float]:
     """Share of named (scene, class) pairs whose word-map peak lies inside the class; chance = region share."""
     maps, named = word_maps(dm, scenes, **kwargs)
-    hits = {"things": [], "stuff": []}
-    chance = {"things": [], "stuff": []}
-    for n, s in enumerate(scenes):
-        labels = torch.from_numpy(s.labels_full.astype(np.int64))
-        for c in np.nonzero(named[n].numpy())[0]:
-            region = labels == int(c)
-            if not region.any():
-                continue
-            peak = int(maps[n, c].flatten().argmax())
-            group = "stuff" if TOY_CLASSES[c] in TOY_STUFF else "things"
-            hits[group].append(bool(region.flatten()[peak]))
-            chance[group].append(float(region.float().mean()))
-    out: dict[str, float] = {"n_scenes": len(scenes)}
+    pairs = [(s, TOY_CLASSES[int(c)], maps[n, int(c)]) for n, s in enumerate(scenes)
+             for c in np.nonzero(named[n].numpy())[0]]
+    return {"n_scenes": len(scenes), **peak_hits(pairs)}
+
+
+def peak_hits(pairs: Sequence[tuple[Scene, str, Any]]) -> dict[str, float]:
+    """For (scene, class, map at the scene's size) triples: the share whose map peaks inside the class's
+    region, for things and stuff apart, with chance (the region's mean share of the image) and counts.
+    Classes absent from the scene are skipped."""
+    hits: dict[str, list[bool]] = {"things": [], "stuff": []}
+    chance: dict[str, list[float]] = {"things": [], "stuff": []}
+    for scene, name, m in pairs:
+        region = scene.labels_full == TOY_CLASSES.index(name)
+        if not region.any():
+            continue
+        group = "stuff" if name in TOY_STUFF else "things"
+        m = np.asarray(m, dtype=np.float32)
+        hits[group].append(bool(m.max() > m.min() and region.flat[int(m.argmax())]))
+        chance[group].append(float(region.mean()))
+    out: dict[str, float] = {}
     for g in hits:
         out[g] = float(np.mean(hits[g])) if hits[g] else float("nan")
         out[g + "_chance"] = float(np.mean(chance[g])) if chance[g] else float("nan")
@@ -196,6 +203,10 @@ def evaluate_method(method: str, scenes: Sequence[Scene], *, sense: str = "toy",
     n = len(SENSES[sense])
     out: dict[str, Any] = {"method": method, "sense": sense, "candidates": candidates, "n_scenes": len(scenes),
                            "miou": miou([(r.labels, g) for r, g in zip(results, gts)], n)}
+    # The issue's binding target, on the method's own per-class score maps: does each present class's map
+    # peak inside its object? (With own candidates, a class the method did not propose has a flat map: a miss.)
+    out["peaks"] = peak_hits([(s, c, r.scores[r.classes.index(c)]) for s, r in zip(scenes, results)
+                              for c in s.tags if c in r.classes and c != "background"])
     if background:
         out["tau"] = results[0].meta.get("bg_threshold")
     # Re-thresholding needs τ semantics (max score ≥ τ is a class); OVDiff decides background by prototypes.

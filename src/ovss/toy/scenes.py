@@ -418,7 +418,8 @@ _TEXTURES = {"sky": _sky, "grass": _grass, "water": _water, "sand": _sand, "wall
 # --------------------------------------------------------------------------------------------- captions
 
 
-def _plural(name: str) -> str:
+def plural(name: str) -> str:
+    """A thing word's plural as captions spell it ("boxes", "balls")."""
     return _PLURAL.get(name, name + "s")
 
 
@@ -443,7 +444,7 @@ def _caption(objects: list[dict], stuff: list[str], rng: np.random.Generator) ->
     hosts = [p for p in stuff if p in groups]
     clauses = []
     for place in rng.permutation(len(hosts)):
-        items = [_with_article(f"{c} {n}") if k == 1 else f"{_NUMBERS[k]} {c} {_plural(n)}"
+        items = [_with_article(f"{c} {n}") if k == 1 else f"{_NUMBERS[k]} {c} {plural(n)}"
                  for (c, n), k in groups[hosts[place]].items()]
         items = [items[i] for i in rng.permutation(len(items))]
         clauses.append((hosts[place], _join(items)))

@@ -36,7 +36,7 @@ from ovss.attention import AttentionCapture
 from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD
 from ovss.text.clip_bpe import clip_tokenizer
 from ovss.toy import models as M
-from ovss.toy.scenes import TOY_CLASSES, TOY_STUFF, TOY_THINGS, make_scene, split_seeds
+from ovss.toy.scenes import TOY_CLASSES, TOY_STUFF, TOY_THINGS, make_scene, plural, split_seeds
 
 log = logging.getLogger("ovss.toy.train")
 
@@ -83,6 +83,8 @@ class RunConfig:
     aux_weight: float = 0.5
     self_aux_weight: float = 0.0  # UNets: weight of the self-attention region loss (0: none)
     freeze_text: bool = False  # CLIP: train on with the text tower fixed (it conditions the trained UNets)
+    hard_negatives: float = 0.0  # CLIP: share of texts that also bring a thing-swapped negative (NegCLIP)
+    thing_phrases: float = 0.0  # CLIP: share of texts naming the things alone (no colours, no stuff)
     class_list_share: float = CLASS_LIST_SHARE  # UNets: share of class-list prompts (FA-Seg's class-only keys)
 
     def __post_init__(self) -> None:
@@ -143,6 +145,32 @@ def tag_phrase(tags: list[str], rng: np.random.Generator) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def _thing_forms() -> dict[str, str]:
+    """Every spelling of a thing word in captions (singular and plural) -> the thing."""
+    return {**{t: t for t in TOY_THINGS}, **{plural(t): t for t in TOY_THINGS}}
+
+
+def swap_thing(text: str, tags: list[str], rng: np.random.Generator) -> str | None:
+    """A hard negative: `text` with one thing word replaced by a thing absent from the scene, in the same
+    number ("a red ball on the grass" -> "a red star on the grass"); None when it names no thing. A plain
+    batch never needs shape to tell captions apart (colour and stuff suffice), so a contrastively trained
+    CLIP has no reason to see shape; these are NegCLIP's remedy for bag-of-words CLIPs (on this CPU's budget
+    they did not make the toy CLIP shape-aware: docs/toy-world.md)."""
+    forms = _thing_forms()
+    words = text.split(" ")
+    spots = [i for i, w in enumerate(words) if w.rstrip(",") in forms]
+    absent = [t for t in TOY_THINGS if t not in tags]
+    if not spots or not absent:
+        return None
+    i = spots[int(rng.integers(len(spots)))]
+    word = words[i].rstrip(",")
+    new = absent[int(rng.integers(len(absent)))]
+    if word != forms[word]:  # plural
+        new = plural(new)
+    words[i] = new + words[i][len(word):]
+    return " ".join(words)
+
+
 def class_list(tags: list[str], rng: np.random.Generator) -> str:
     """FA-Seg's class-only prompt form, shuffled: "ball, grass, sky"."""
     return ", ".join(tags[i] for i in rng.permutation(len(tags)))
@@ -178,7 +206,7 @@ class ClassTokens:
     def __init__(self, tokenizer) -> None:
         forms: list[tuple[list[int], int]] = []
         for c, name in enumerate(TOY_CLASSES):
-            spellings = [name] + ([M.TOY_PLURALS.get(name, name + "s")] if name in TOY_THINGS else [])
+            spellings = [name] + ([plural(name)] if name in TOY_THINGS else [])
             forms += [(list(tokenizer(s, add_special_tokens=False)["input_ids"]), c) for s in spellings]
         self.forms = forms
 
@@ -344,6 +372,28 @@ def _replace_dir(path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- CLIP
 
 
+def clip_text(caption: str, tags: list[str], rng: np.random.Generator, thing_phrases: float = 0.0) -> str:
+    """A CLIP training text for a scene: its caption, or (CLIP_TAG_SHARE) its classes in a list, or
+    (`thing_phrases`) its things alone, without colours or stuff ("a photo of a ball and a box"): texts that
+    only shape tells apart."""
+    u = rng.random()
+    if u < thing_phrases:
+        return rng.choice(("", "a photo of ")) + tag_phrase([t for t in tags if t in TOY_THINGS], rng)
+    if u < thing_phrases + CLIP_TAG_SHARE:
+        return rng.choice(("", "a photo of ")) + tag_phrase(tags, rng)
+    return caption
+
+
+def hard_negative_clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor
+                            ) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE where the texts after the first B (B = images) are extra negatives for the
+    image -> text direction only (NegCLIP). Embeddings are L2-normalised."""
+    b = image_embeds.shape[0]
+    target = torch.arange(b, device=image_embeds.device)
+    logits = scale * image_embeds @ text_embeds.T  # (B, B + negatives)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target)) / 2
+
+
 def train_clip(cfg: RunConfig) -> dict:
     """Symmetric InfoNCE on (scene, text) pairs, learnable temperature clamped at 100 as in CLIP."""
     torch.manual_seed(cfg.seed)
@@ -357,12 +407,19 @@ def train_clip(cfg: RunConfig) -> dict:
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(bank), size=min(cfg.batch, len(bank)), replace=False)
         pixels = clip_normalize(images_to_tensor(bank.images[idx], rng.random(len(idx)) < 0.5))
-        texts = [(rng.choice(("", "a photo of ")) + tag_phrase(bank.tags[i], rng)) if rng.random() < CLIP_TAG_SHARE
-                 else bank.captions[i] for i in idx]
-        enc = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels,
-                    return_loss=True)
-        return out.loss, {"scale": model.logit_scale.exp().detach()}
+        texts = [clip_text(bank.captions[i], bank.tags[i], rng, cfg.thing_phrases) for i in idx]
+        if not cfg.hard_negatives:
+            enc = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels,
+                        return_loss=True)
+            return out.loss, {"scale": model.logit_scale.exp().detach()}
+        negatives = [swap_thing(t, bank.tags[i], rng) if rng.random() < cfg.hard_negatives else None
+                     for t, i in zip(texts, idx)]
+        negatives = [n for n in negatives if n is not None]
+        enc = tok(texts + negatives, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels)
+        return hard_negative_clip_loss(out.image_embeds, out.text_embeds, model.logit_scale.exp()), {
+            "scale": model.logit_scale.exp().detach()}
 
     def clamp_scale() -> None:
         with torch.no_grad():
@@ -586,9 +643,10 @@ def train_blip(cfg: RunConfig) -> dict:
 # -------------------------------------------------------------------------------------------- export
 
 
-TOY_FOLDERS = {"clip": "clip", "diffusion": "unet", "diffusion_rf": "rf_unet", "blip": "blip", "dinov2": "dinov2",
-               "dino": "dinov2"}
-"""Exported folder -> the run it comes from (diffusion folders also take the vae run and CLIP's text tower)."""
+TOY_FOLDERS = {"clip": "clip", "diffusion": "unet_cl_sa_aux15", "diffusion_rf": "rf_unet_cl_sa_aux15", "blip": "blip",
+               "dinov2": "dinov2", "dino": "dinov2"}
+"""Exported folder -> the run it comes from (diffusion folders also take the vae run and CLIP's text tower). The
+UNets' are the last phases of resumed runs (docs/toy-world.md)."""
 
 
 def save_clip_tokenizer(directory: Path) -> None:
@@ -846,10 +904,12 @@ def train_dinov2(cfg: RunConfig) -> dict:
 TOY_BANK_CAPTIONS = 1000
 
 
-def build_toy_bank(n: int = TOY_BANK_CAPTIONS, dest: str | Path | None = None, threads: int = 1) -> Path:
+def build_toy_bank(n: int = TOY_BANK_CAPTIONS, dest: str | Path | None = None, threads: int = 1,
+                   out: str | Path = ".toy_runs") -> Path:
     """FreeDA's offline stage with the exported toy models (`ovss bank build`'s code path): the first `n`
     train-scene captions generated by the ε diffusion model at 64 px with the paper's schedule (50 steps,
-    CFG 7.5), DINOv2 at its 64-px native size, keys from the toy CLIP. Written to assets/toy/freeda_bank."""
+    CFG 7.5), DINOv2 at its 64-px native size, keys from the toy CLIP. Written to assets/toy/freeda_bank;
+    finished chunks wait in `out`/bank_shards, so a killed build resumes."""
     from ovss.banks.build import BuildConfig, Caption, build_local, make_models
     from ovss.models.presets import TOY_CONFIG
 
@@ -859,7 +919,7 @@ def build_toy_bank(n: int = TOY_BANK_CAPTIONS, dest: str | Path | None = None, t
                 for seed in split_seeds("train")[:n]]
     config = BuildConfig(dino_size=int(TOY_CONFIG["freeda"]["dino_size"]), batch_size=8)
     models = make_models("toy")
-    scratch = Path(".toy_runs") / "bank_shards"
+    scratch = Path(out) / "bank_shards"
     _, bank = build_local(captions, dest, config, models, build_dir=scratch)
     log.info("toy bank: %s", bank)
     return bank
@@ -905,6 +965,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="UNets: share of prompts that are bare class lists (default 0.2)")
     p.add_argument("--freeze-text", action="store_true",
                    help="clip: keep the text tower fixed (to train on after the UNets took it)")
+    p.add_argument("--hard-negatives", type=float,
+                   help="clip: share of texts that also bring a negative with one thing word swapped for an "
+                   "absent thing (0, the default: none)")
+    p.add_argument("--thing-phrases", type=float,
+                   help="clip: share of texts naming only the scene's things, no colours or stuff (default 0)")
     p.add_argument("--name", help="run name (folder under --out); default: the kind")
     p.add_argument("--out", help="runs folder (default .toy_runs)")
     p.add_argument("--dest", help="export: target folder (default: the package's assets/toy)")
@@ -922,7 +987,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.what == "bank":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        build_toy_bank(a.scenes or TOY_BANK_CAPTIONS, a.dest, a.threads or 1)
+        build_toy_bank(a.scenes or TOY_BANK_CAPTIONS, a.dest, a.threads or 1, a.out or ".toy_runs")
         return
     kinds = list(TRAINERS) if a.what == "all" else [a.what]
     for kind in kinds:
@@ -930,10 +995,12 @@ def main(argv: list[str] | None = None) -> None:
             aux_weight=a.aux_weight if kind in ("unet", "rf_unet") else None,
             self_aux_weight=a.self_aux_weight if kind in ("unet", "rf_unet") else None,
             freeze_text=a.freeze_text if kind == "clip" else None,
+            hard_negatives=a.hard_negatives if kind == "clip" else None,
+            thing_phrases=a.thing_phrases if kind == "clip" else None,
             class_list_share=a.class_list_share if kind in ("unet", "rf_unet") else None)
-    if a.what == "all":
-        export(a.out or ".toy_runs", a.dest)
-        build_toy_bank()
+    if a.what == "all":  # one phase per model at the defaults, not the shipped UNets' phases (docs/toy-world.md)
+        export(a.out or ".toy_runs", a.dest, {"diffusion": "unet", "diffusion_rf": "rf_unet"})
+        build_toy_bank(threads=a.threads or 1, out=a.out or ".toy_runs")
 
 
 if __name__ == "__main__":
