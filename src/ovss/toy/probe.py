@@ -205,28 +205,28 @@ def evaluate_method(method: str, scenes: Sequence[Scene], *, sense: str = "toy",
                            "miou": miou([(r.labels, g) for r, g in zip(results, gts)], n)}
     # The issue's binding target, on the method's own per-class score maps: does each present class's map
     # peak inside its object? (With own candidates, a class the method did not propose has a flat map: a miss.)
-    out["peaks"] = peak_hits([(s, c, r.scores[r.classes.index(c)]) for s, r in zip(scenes, results)
+    scores = [r.scores for r in results]  # upsampled to the image on each access: once per result
+    out["peaks"] = peak_hits([(s, c, sc[r.classes.index(c)]) for s, r, sc in zip(scenes, results, scores)
                               for c in s.tags if c in r.classes and c != "background"])
     if background:
         out["tau"] = results[0].meta.get("bg_threshold")
     # Re-thresholding needs τ semantics (max score ≥ τ is a class); OVDiff decides background by prototypes.
     if background and taus and out["tau"] is not None and "candidates" in results[0].meta:
-        sweep = {tau: miou([(_relabel(r, tau), g) for r, g in zip(results, gts)], n) for tau in taus}
+        best = [_best_candidate(r, sc) for r, sc in zip(results, scores)]
+        sweep = {tau: miou([(torch.where(b >= tau, i, 0).numpy(), g) for (b, i), g in zip(best, gts)], n)
+                 for tau in taus}
         out["best_tau"] = max(sweep, key=sweep.get)
         out["best_miou"] = sweep[out["best_tau"]]
     out["baselines"] = baselines(scenes, sense)
     return out
 
 
-def _relabel(result: Any, tau: float) -> np.ndarray:
-    """Labels of a with-background result at another τ, from its scores (same rule: max ≥ τ is a class)."""
-    scores = torch.from_numpy(result.scores)[1:]
+def _best_candidate(result: Any, scores: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best score, its label) per pixel over a with-background result's candidate classes, so that its labels
+    at any τ are `where(best >= τ, label, 0)` (the methods' rule: max ≥ τ is a class). No candidate: −inf."""
     allowed = torch.tensor([c in result.meta.get("candidates", []) for c in result.classes[1:]])
-    if not allowed.any():
-        return np.zeros(result.labels.shape, dtype=np.int64)
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    best, idx = scores.max(0)
-    return torch.where(best >= tau, idx + 1, torch.zeros_like(idx)).numpy()
+    best, idx = torch.from_numpy(scores)[1:].masked_fill(~allowed[:, None, None], float("-inf")).max(0)
+    return best, idx + 1
 
 
 # ------------------------------------------------------------------------------------------------ CLI
