@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from ovss.attention import AttentionCapture
 from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD
+from ovss.io import atomic_write
 from ovss.text.clip_bpe import clip_tokenizer
 from ovss.toy import models as M
 from ovss.toy.scenes import TOY_CLASSES, TOY_STUFF, TOY_THINGS, make_scene, plural, split_seeds
@@ -132,10 +132,8 @@ def scene_bank(split: str, n: int, root: str | Path) -> SceneBank:
     bank = SceneBank(np.stack([np.asarray(s.image) for s in scenes]), np.stack([s.labels_full for s in scenes]),
                      [s.caption for s in scenes], [s.tags for s in scenes])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=bank.images, labels=bank.labels, captions=json.dumps(bank.captions),
-             tags=json.dumps(bank.tags))
-    tmp.replace(path)
+    atomic_write(path, lambda f: np.savez(f, images=bank.images, labels=bank.labels,
+                                          captions=json.dumps(bank.captions), tags=json.dumps(bank.tags)))
     return bank
 
 
@@ -145,9 +143,8 @@ def tag_phrase(tags: list[str], rng: np.random.Generator) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _thing_forms() -> dict[str, str]:
-    """Every spelling of a thing word in captions (singular and plural) -> the thing."""
-    return {**{t: t for t in TOY_THINGS}, **{plural(t): t for t in TOY_THINGS}}
+#: Every spelling of a thing word in captions (singular and plural) -> the thing.
+_THING_FORMS = {**{t: t for t in TOY_THINGS}, **{plural(t): t for t in TOY_THINGS}}
 
 
 def swap_thing(text: str, tags: list[str], rng: np.random.Generator) -> str | None:
@@ -156,16 +153,15 @@ def swap_thing(text: str, tags: list[str], rng: np.random.Generator) -> str | No
     batch never needs shape to tell captions apart (colour and stuff suffice), so a contrastively trained
     CLIP has no reason to see shape; these are NegCLIP's remedy for bag-of-words CLIPs (on this CPU's budget
     they did not make the toy CLIP shape-aware: docs/toy-world.md)."""
-    forms = _thing_forms()
     words = text.split(" ")
-    spots = [i for i, w in enumerate(words) if w.rstrip(",") in forms]
+    spots = [i for i, w in enumerate(words) if w.rstrip(",") in _THING_FORMS]
     absent = [t for t in TOY_THINGS if t not in tags]
     if not spots or not absent:
         return None
     i = spots[int(rng.integers(len(spots)))]
     word = words[i].rstrip(",")
     new = absent[int(rng.integers(len(absent)))]
-    if word != forms[word]:  # plural
+    if word != _THING_FORMS[word]:  # plural
         new = plural(new)
     words[i] = new + words[i][len(word):]
     return " ".join(words)
@@ -308,10 +304,9 @@ def train_loop(cfg: RunConfig, module: torch.nn.Module, step_fn: Callable[[int],
         log.info("resumed %s at step %d (%.1f min trained)", cfg.name, step, elapsed / 60)
 
     def save() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                    "history": history, "config": asdict(cfg)}, tmp)
-        tmp.replace(ckpt)
+        state = {"model": module.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                 "history": history, "config": asdict(cfg)}
+        atomic_write(ckpt, lambda f: torch.save(state, f), durable=True)
 
     start = last_ckpt = time.time()
     base_elapsed, first_step = elapsed, step
@@ -500,9 +495,7 @@ def latent_bank(cfg: RunConfig, bank: SceneBank, vae) -> tuple[torch.Tensor, tor
         means.append(post.mean.unflatten(0, (-1, 2)))
         stds.append(post.std.unflatten(0, (-1, 2)))
     mean, std = torch.cat(means), torch.cat(stds)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"stamp": stamp, "mean": mean, "std": std}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save({"stamp": stamp, "mean": mean, "std": std}, f))
     return mean, std
 
 
@@ -707,9 +700,9 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
     BlipForConditionalGeneration.from_pretrained(out / runs["blip"] / "final").to(half).save_pretrained(blip_dir)
     M.blip_processor().save_pretrained(blip_dir)
     dinov2 = Dinov2Model.from_pretrained(out / runs["dinov2"] / "final")
+    dino = dinov2 if runs["dino"] == runs["dinov2"] else Dinov2Model.from_pretrained(out / runs["dino"] / "final")
+    M.dinov2_to_vit(dino).to(half).save_pretrained(_replace_dir(dest / "dino"))  # before .to(half) changes dinov2
     dinov2.to(half).save_pretrained(_replace_dir(dest / "dinov2"))
-    M.dinov2_to_vit(Dinov2Model.from_pretrained(out / runs["dino"] / "final")).to(half).save_pretrained(
-        _replace_dir(dest / "dino"))
     for folder, run_name in runs.items():
         (dest / folder / "README.md").write_text(model_card(folder, out, run_name), encoding="utf-8")
     log.info("exported %s (%.1f MB)", dest, sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20)
