@@ -129,3 +129,16 @@ def test_grid_layout_and_titles():
     assert (np.asarray(g)[:band] < 128).any()  # title text drawn
     with pytest.raises(ValueError, match="titles"):
         viz.grid([[a, b]], titles=["one"])
+
+
+def test_grid_legend_keys_every_class_once_on_the_right():
+    classes = ["sky", "grass", "ball"]
+    a = viz.overlay(np.zeros((20, 30, 3), np.uint8), np.zeros((20, 30), np.int64), classes, legend=False)
+    plain = viz.grid([[a, a], [a, a]], ["truth", "method"])
+    keyed = viz.grid([[a, a], [a, a]], ["truth", "method"], legend=classes)
+    assert keyed.width > plain.width and keyed.height >= plain.height
+    k = np.asarray(keyed)
+    assert np.array_equal(k[:plain.height, :plain.width], np.asarray(plain))  # the cells are untouched
+    panel = k[:, plain.width:]
+    for colour in viz.palette(3):  # a swatch per class, absent ones ("grass", "ball") included
+        assert _count_colour(panel, colour) > 4

@@ -57,7 +57,7 @@ def toy_models_installed() -> bool:
 def run_demo(out_dir: str | Path, *, models: str | None = None, n: int = 6, size: int = 160,
              methods: list[str] | None = None, device: str | None = None, seed: int | None = None) -> DemoResult:
     """Segment `n` toy test scenes with each method over the whole toy vocabulary (stuff and things, every
-    pixel labelled); write OUT/<method>/ outputs, OUT/grid.png (scene | truth | methods), OUT/results.{json,md}."""
+    pixel labelled); write OUT/<method>/ outputs, OUT/grid.png (scene | truth | methods, one colour key), OUT/results.{json,md}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if models is None:
@@ -99,7 +99,7 @@ def run_demo(out_dir: str | Path, *, models: str | None = None, n: int = 6, size
     # Trivial baselines on the same scenes (most frequent class; the caption prior: the stuff the caption names,
     # in horizontal bands), so a method's number means something.
     result.rows += [{"name": f"baseline: {k}", "miou": v} for k, v in baselines(scenes, SENSE).items()]
-    grid([list(r) for r in zip(*columns)], titles).save(out / "grid.png")
+    grid([list(r) for r in zip(*columns)], titles, legend=TOY_CLASSES).save(out / "grid.png")
     write_json(out / "results.json", {"models": models, "scenes": n, "size": size, "rows": result.rows,
                                       "skipped": result.skipped, "failures": result.failures})
     (out / "results.md").write_text(result.markdown() + "\n", encoding="utf-8")

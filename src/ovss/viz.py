@@ -90,10 +90,13 @@ def _with_legend(img: Image.Image, entries: list[tuple[str, tuple[int, ...]]]) -
     return canvas
 
 
-def grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str] | None = None, *, pad: int = 4) -> Image.Image:
+def grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str] | None = None, *, pad: int = 4,
+         legend: Sequence[str] | None = None) -> Image.Image:
     """Images in rows and columns (e.g. image | truth | prediction per row), with optional column titles.
 
     Each column is as wide as its widest image and each row as tall as its tallest; images are centred.
+    legend: the class list the cells were painted with (`overlay(..., legend=False)` over these classes), keyed
+    once on the right: per-cell legends would repeat it in every cell and make the columns uneven.
     """
     if not rows or not any(rows):
         raise ValueError("grid needs at least one image")
@@ -119,4 +122,7 @@ def grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str] | None = N
         for c, im in enumerate(row):
             canvas.paste(im, (xs[c] + (col_w[c] - im.width) // 2, y + (row_h[r] - im.height) // 2))
         y += row_h[r] + pad
-    return canvas
+    if legend is None:
+        return canvas
+    pal = palette(len(legend))
+    return _with_legend(canvas, [(name, tuple(int(v) for v in pal[i])) for i, name in enumerate(legend)])
