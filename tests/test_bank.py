@@ -351,6 +351,25 @@ def test_hnsw_index_is_saved_beside_the_bank_and_checked(synthetic_bank, tmp_pat
         open_index(other)
 
 
+
+def test_a_failed_index_write_keeps_the_saved_index_and_leaves_no_temporary_file(synthetic_bank, monkeypatch):
+    bank = synthetic_bank
+    build_index(bank, "flat")
+    saved = (bank.root / "index.faiss").read_bytes()
+
+    def crash(index, path):
+        Path(path).write_bytes(b"half an index")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_index(bank, "hnsw")
+    monkeypatch.undo()
+    assert (bank.root / "index.faiss").read_bytes() == saved
+    assert open_index(bank).kind == "flat"
+    assert not [p.name for p in bank.root.iterdir() if p.name.endswith(".tmp")]
+
+
 # -- the authors' release ---------------------------------------------------------------------------------
 
 

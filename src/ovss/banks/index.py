@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ovss.banks.bank import Bank, BankError
-from ovss.io import write_json
+from ovss.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,12 @@ def build_index(bank: Bank | str | Path, kind: IndexKind = "flat", *, hnsw_m: in
 
 
 def save_index(bank: Bank, index: Any, kind: str, params: dict[str, Any]) -> Path:
-    """Write a faiss index beside `bank` (temporary name + rename) with its JSON description."""
+    """Write a faiss index beside `bank` (a fresh temporary name, fsynced, then renamed) with its JSON
+    description. faiss writes to a path: `serialize_index` + `atomic_write` would hold the index twice in memory."""
     faiss = _faiss()
     path = bank.root / INDEX_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, durable=True) as tmp:
+        faiss.write_index(index, str(tmp))
     write_json(bank.root / INDEX_META, {"kind": kind, "rows": int(index.ntotal), "dim": int(index.d),
                                         "bank": bank.fingerprint, **params})
     return path

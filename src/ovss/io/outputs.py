@@ -9,7 +9,8 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -26,26 +27,37 @@ if TYPE_CHECKING:
 _PALETTE_SIZE = 256
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, durable: bool = False) -> Path:
-    """Call `write(file)` on a temporary file next to `path`, then rename it over `path`.
+@contextmanager
+def atomic_path(path: Path, *, durable: bool = False) -> Iterator[Path]:
+    """A fresh temporary path next to `path`, renamed over `path` when the block ends without error and
+    removed otherwise: for writers that take a file name (faiss), as `atomic_write` is for file objects.
 
     durable: fsync before the rename, so that a power cut cannot leave a renamed but empty file (caches and
     banks, which a later run trusts; skipped for per-image outputs, where it would cost a sync per file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 lets the umask decide permissions (mkstemp would leave files private to the owner)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, durable: bool = False) -> Path:
+    """Call `write(file)` on a temporary file next to `path`, then rename it over `path` (`atomic_path`)."""
+    with atomic_path(path, durable=durable) as tmp:
+        # os.open with 0o666 lets the umask decide permissions (mkstemp would leave files private to the owner)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+    return Path(path)
 
 
 def write_json(path: Path, obj: Any) -> Path:
