@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ovss
-import ovss.cli as cli
 from ovss.diffusion.latents import encode_latents, seeded_noise, tensor_resize
 from ovss.diffusion.text import encode_prompts, tokenize_prompts
 from ovss.methods.diffsegmenter import (PRESETS, DiffSegmenterConfig, fuse_cross, image_scores, mark_completion,

@@ -12,6 +12,8 @@ from PIL import Image
 import ovss
 from ovss.banks.prototypes import ClassPrototypes, PrototypeCache
 from ovss.dense.kmeans import kmeans
+from ovss.dense.sam import box_nms, sam_instances
+from ovss.features import IMAGENET_MEAN, IMAGENET_STD, clip_keys, unet_queries, vit_keys
 from ovss.methods import ovdiff as od
 from ovss.models import build_tiny
 from ovss.models import tiny as tiny_models
@@ -111,17 +113,17 @@ def test_box_nms_suppresses_overlaps_by_score():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [0, 0, 5, 10]], dtype=torch.float32)
     scores = torch.tensor([0.5, 0.9, 0.8, 0.7])
     # box 1 (best) suppresses box 0 (IoU 0.81); box 3 overlaps box 1 by 36/(81+50-36) = 0.38 < 0.7
-    assert od.box_nms(boxes, scores, 0.7).tolist() == [1, 2, 3]
-    assert od.box_nms(boxes, scores, 0.3).tolist() == [1, 2]
+    assert box_nms(boxes, scores, 0.7).tolist() == [1, 2, 3]
+    assert box_nms(boxes, scores, 0.3).tolist() == [1, 2]
 
 
 def test_sam_proposer_returns_binary_instances():
     sam = build_tiny("sam")
-    masks = od.sam_instances(sam, _image(0, (64, 64)), points_per_side=3, pred_iou_thresh=-1e9,
-                             stability_thresh=-1.0, nms_thresh=1.0)
+    masks = sam_instances(sam, _image(0, (64, 64)), points_per_side=3, pred_iou_thresh=-1e9,
+                          stability_thresh=-1.0, nms_thresh=1.0)
     assert masks.dtype == torch.bool and masks.shape[1:] == (64, 64) and 1 <= masks.shape[0] <= 27
     assert masks.flatten(1).any(1).all()
-    strict = od.sam_instances(sam, _image(0, (64, 64)), points_per_side=3, pred_iou_thresh=1e9)
+    strict = sam_instances(sam, _image(0, (64, 64)), points_per_side=3, pred_iou_thresh=1e9)
     assert strict.shape == (0, 64, 64)
 
 
@@ -263,33 +265,37 @@ def test_sd_noise_constants_at_t200():
     assert alpha ** 0.5 == pytest.approx(0.8682, abs=1e-4) and (1 - alpha) ** 0.5 == pytest.approx(0.4963, abs=1e-4)
 
 
+#: OVDiff's SD extractor: its layers, t = 200 and noise seed
+SD = {"layers": od.SD_LAYERS, "timestep": od.SD_TIMESTEP, "noise_seed": od.SD_NOISE_SEED}
+
+
 def test_sd_features_seeded_and_layered(method):
     dm = method.models["diffusion"]
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    a = od.sd_features(dm, x)
-    assert torch.equal(a, od.sd_features(dm, x))
+    a = unet_queries(dm, x, **SD)
+    assert torch.equal(a, unet_queries(dm, x, **SD))
     # every layer's to_q width, concatenated at the 8x8 latent grid
     widths = [dm.unet.get_submodule(f"{n}.transformer_blocks.0.attn2.to_q").out_features for n in od.SD_LAYERS]
     assert a.shape == (2, sum(widths), 8, 8)
-    one = od.sd_features(dm, x[1:])
+    one = unet_queries(dm, x[1:], **SD)
     assert torch.allclose(one[0], a[1], rtol=1e-4, atol=1e-4)  # per-image seed: order- and batch-independent
-    assert not torch.allclose(od.sd_features(dm, x, noise_seed=44), a, atol=1e-4)
+    assert not torch.allclose(unet_queries(dm, x, **{**SD, "noise_seed": 44}), a, atol=1e-4)
     with pytest.raises(ValueError):
-        od.sd_features(dm, x, layers=("down_blocks.3.attentions.0",))
+        unet_queries(dm, x, **{**SD, "layers": ("down_blocks.3.attentions.0",)})
 
 
 def test_vit_keys_match_layernormed_block_inputs(method):
     x = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(7))
     dino = method.models["dino"].model
-    keys = od.dino_keys(method.models["dino"], x)
-    norm = (x - torch.tensor(od.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(od.IMAGENET_STD).view(1, 3, 1, 1)
+    keys = vit_keys(method.models["dino"], x)
+    norm = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     hs = dino(pixel_values=norm, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
     last = dino.layers[-1]
     want = last.attention.k_proj(last.layernorm_before(hs[-2]))[:, 1:]
     assert keys.shape == (1, want.shape[-1], 8, 6)
     assert torch.allclose(keys.flatten(2).transpose(1, 2), want, atol=1e-5)
     clip = method.models["clip"].model
-    ck = od.clip_keys(method.models["clip"], torch.rand(1, 3, 64, 64), layer=10)
+    ck = clip_keys(method.models["clip"], torch.rand(1, 3, 64, 64), layer=10)
     assert ck.shape == (1, clip.config.vision_config.hidden_size, 4, 4)
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ovss.attention import attention_layers
 from ovss.banks.bank import DEFAULT_CHUNK_ROWS, Entries, ShardWriter, merge_shards, shard_dir, shard_range
 from ovss.diffusion.sampling import sample
-from ovss.methods.freeda import FREEDA_TEMPLATES, clip_text_raw, dense_features
+from ovss.features import dinov2_patch_tokens
+from ovss.methods.freeda import FREEDA_TEMPLATES, clip_text_raw
 from ovss.models import ModelSet, resolve_device, resolve_dtype
 from ovss.text.nouns import caption_nouns, singular
 
@@ -222,7 +223,7 @@ class Builder:
                         upsample="bicubic" if cfg.attn_upsample == "bicubic_clamp" else "bilinear",
                         head_average=cfg.head_average,
                         cross_size=None if cfg.attn_upsample == "bicubic_clamp" else (self.resolution,) * 2)
-        feats = dense_features(dino, result.images, cfg.dino_size).cpu()  # (B, gh, gw, D)
+        feats = dinov2_patch_tokens(dino, result.images, cfg.dino_size).cpu()  # (B, gh, gw, D)
         protos, rows = [], []
         for b, i in enumerate(todo):
             maps, start = result.cross[b], 0

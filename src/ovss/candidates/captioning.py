@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ovss.candidates.clip_filter import model_device_dtype
+from ovss.models.devices import model_device_dtype
 
 #: transformers' generation defaults that the papers' captions were produced with (diffsegmenter.md §2).
 BLIP_MAX_LENGTH = 20

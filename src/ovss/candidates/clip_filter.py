@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ovss.models.devices import model_device_dtype
+
 #: OpenAI's 80 ImageNet prompt templates in their canonical order (typos such as "a origami {}." included).
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
@@ -51,11 +53,6 @@ TEXT_THRESHOLD = 0.8
 
 _TEXT_CHUNK = 1024  # prompts per text-encoder call: bounds memory for 100+ classes × 85 templates
 _text_cache: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def model_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
-    return p.device, p.dtype
 
 
 @torch.no_grad()

@@ -1,1 +1,2 @@
-"""Dense-prediction plumbing shared by the methods: label decisions, resizing, windows, superpixels."""
+"""Dense-prediction plumbing shared by the methods: label decisions, resizing, windows, superpixels, K-means,
+SAM instance proposals."""

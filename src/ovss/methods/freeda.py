@@ -26,6 +26,7 @@ from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD
 from ovss.dense.labels import labels_with_background, labels_without_background, resize_scores
 from ovss.dense.superpixels import felzenszwalb_params, pool_regions, region_weights, superpixels
 from ovss.dense.windows import resize_image, resize_short_side, slide_inference
+from ovss.features import dinov2_patch_tokens
 from ovss.methods.base import Method, SegmentRequest
 from ovss.registry import register
 from ovss.result import Segmentation
@@ -38,8 +39,6 @@ FREEDA_TEMPLATES: tuple[str, ...] = (
     "itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
     "art of the {}.", "a photo of the small {}.",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: K retrieved keys per class (paper §4.1).
 K = 350
 #: β of Eq. 5 in every official config (the paper's text says 0.7 for VOC; spec §5 row 1, trap 2).
@@ -76,21 +75,6 @@ def class_embeddings(clip: Any, names: Sequence[str], templates: Sequence[str] =
     """T (N, E): the mean of the raw template embeddings of each name, normalised once (spec §4 step 1, trap 3)."""
     raw = clip_text_raw(clip, [t.format(n) for n in names for t in templates])
     return F.normalize(raw.view(len(names), len(templates), -1).mean(1), dim=-1, eps=TEXT_NORM_EPS)
-
-
-@torch.no_grad()
-def dense_features(dino: Any, pixels: torch.Tensor, size: int = 518) -> torch.Tensor:
-    """DINOv2 patch tokens (B, g, g, D) of images (B, 3, H, W) in [0, 1]: squashed to size² (bilinear,
-    align_corners=False), ImageNet-normalised, final-LayerNorm tokens without CLS (spec §2, §4 step 6)."""
-    model = dino.model
-    p = next(model.parameters())
-    x = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = ((x - mean) / std).to(device=p.device, dtype=p.dtype)
-    tokens = model(pixel_values=x).last_hidden_state[:, 1:].float()
-    g = size // model.config.patch_size
-    return tokens.reshape(x.shape[0], g, g, -1)
 
 
 @torch.no_grad()
@@ -297,7 +281,7 @@ class FreeDA(Method):
             global_scores = self.global_scores(x, vocab)
         h, w = x.shape[-2:]
         # The scoring arithmetic after DINOv2 is small (1369 patches, a few hundred regions): CPU.
-        feats = dense_features(self.models["dinov2"], x[None].cpu() / 255.0, cfg.dino_size)[0].cpu()  # (g, g, D)
+        feats = dinov2_patch_tokens(self.models["dinov2"], x[None].cpu() / 255.0, cfg.dino_size)[0].cpu()  # (g, g, D)
         g = feats.shape[0]
         flat = feats.reshape(g * g, -1)
         dense = activation(aggregate_scores(flat, vocab.prototypes, cfg.aggregation), cfg.local_activation)

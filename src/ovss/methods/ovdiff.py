@@ -32,15 +32,16 @@ from tqdm import tqdm
 
 from ovss.attention import attention_layers
 from ovss.banks.prototypes import ClassPrototypes, PrototypeCache, SupportSet, shard_classes
-from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD, encode_texts, model_device_dtype
+from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD, encode_texts
 from ovss.data.names import NAME_SETS
 from ovss.dense.kmeans import kmeans
 from ovss.dense.labels import labels_with_background, labels_without_background, resize_scores
+from ovss.dense.sam import SAM_IOU, SAM_NMS, SAM_POINTS, SAM_STABILITY, sam_instances
 from ovss.dense.windows import resize_image, resize_short_side_truncate, window_set
-from ovss.diffusion.latents import add_noise, encode_latents, seeded_noise
 from ovss.diffusion.sampling import sample
-from ovss.diffusion.text import encode_prompts, tokenize_prompts
+from ovss.features import clip_keys, normalise, unet_queries, vit_keys
 from ovss.methods.base import Method, SegmentRequest
+from ovss.models.devices import model_device_dtype
 from ovss.registry import register
 from ovss.result import Segmentation
 from ovss.text.classes import validate_classes
@@ -76,10 +77,6 @@ SD_WINDOW = None  # None: the UNet's native size (512 for SD)
 CLIP_WINDOW = 448
 DINO_MAX_SIDE, DINO_LONG_CAP = 448, 800
 THRESHOLD_BACKGROUND = 0.72  # fg cosine threshold of the no-background-prototype ablation (grid-searched)
-#: SAM automatic-mask-generation defaults (segment-anything's SamAutomaticMaskGenerator)
-SAM_POINTS, SAM_IOU, SAM_STABILITY, SAM_NMS = 32, 0.88, 0.95, 0.7
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: the paper's ChatGPT "stuff" answer as encoded in the official code (Tab. C.9); every other name is a thing
 STUFF_CLASSES = frozenset({
@@ -269,176 +266,6 @@ def instance_masks(instances: torch.Tensor, a512: torch.Tensor, *, fallback: tup
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SAM as the class-agnostic proposer in CutLER's place
-# ---------------------------------------------------------------------------------------------------------
-def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(R, H, W) bool -> (R, 4) float boxes x0, y0, x1, y1 (inclusive pixel extents)."""
-    rows, cols = masks.any(2), masks.any(1)
-    ar_h = torch.arange(masks.shape[1], dtype=torch.float32)
-    ar_w = torch.arange(masks.shape[2], dtype=torch.float32)
-    y0 = torch.where(rows, ar_h, math.inf).amin(1)
-    y1 = torch.where(rows, ar_h, -math.inf).amax(1)
-    x0 = torch.where(cols, ar_w, math.inf).amin(1)
-    x1 = torch.where(cols, ar_w, -math.inf).amax(1)
-    return torch.stack([x0, y0, x1, y1], 1)
-
-
-def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy NMS (torchvision's rule, which is not available here): kept indices by decreasing score."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    keep: list[int] = []
-    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
-    for i in order.tolist():
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        lt = torch.maximum(boxes[i, :2], boxes[:, :2])
-        rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
-        inter = (rb - lt).clamp(min=0).prod(1)
-        iou = inter / (area[i] + area - inter).clamp(min=1e-9)
-        suppressed |= iou > iou_threshold
-    return torch.tensor(keep, dtype=torch.long)
-
-
-@torch.no_grad()
-def sam_instances(sam, image: Image.Image, *, points_per_side: int = SAM_POINTS, pred_iou_thresh: float = SAM_IOU,
-                  stability_thresh: float = SAM_STABILITY, nms_thresh: float = SAM_NMS, points_batch: int = 64
-                  ) -> torch.Tensor:
-    """Class-agnostic masks (R, H, W) bool: SAM's automatic mask generation on one crop (a point grid, the
-    three multimask outputs per point, predicted-IoU and stability filters, box NMS)."""
-    model, proc = sam.model, sam.processor
-    device, dtype = model_device_dtype(model)
-    inputs = proc(images=image, return_tensors="pt")
-    embeddings = model.get_image_embeddings(inputs["pixel_values"].to(device=device, dtype=dtype))
-    h, w = image.height, image.width
-    rh, rw = (int(v) for v in inputs["reshaped_input_sizes"][0])
-    grid = (torch.arange(points_per_side, dtype=torch.float32) + 0.5) / points_per_side
-    ys, xs = torch.meshgrid(grid * h, grid * w, indexing="ij")
-    points = torch.stack([xs.flatten() * rw / w, ys.flatten() * rh / h], -1)
-    masks, scores = [], []
-    for s in range(0, len(points), points_batch):
-        p = points[s:s + points_batch]
-        out = model(image_embeddings=embeddings, input_points=p[None, :, None, :].to(device=device, dtype=dtype),
-                    input_labels=torch.ones(1, len(p), 1, dtype=torch.long, device=device), multimask_output=True)
-        logits = proc.post_process_masks([out.pred_masks[0].float().cpu()], inputs["original_sizes"],
-                                         inputs["reshaped_input_sizes"], binarize=False)[0].flatten(0, 1)
-        iou = out.iou_scores[0].float().cpu().flatten()
-        stability = (logits > 1.0).sum(dim=(1, 2)) / (logits > -1.0).sum(dim=(1, 2)).clamp(min=1)
-        binary = logits > 0
-        keep = (iou > pred_iou_thresh) & (stability > stability_thresh) & binary.any(2).any(1)
-        masks.append(binary[keep])
-        scores.append(iou[keep])
-    masks_t, scores_t = torch.cat(masks), torch.cat(scores)
-    if len(masks_t) == 0:
-        return masks_t
-    return masks_t[box_nms(_mask_boxes(masks_t), scores_t, nms_thresh)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Feature extractors (§3 step 6): (B, 3, H, W) in [0, 1] -> (B, D, h, w) float32
-# ---------------------------------------------------------------------------------------------------------
-def _normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels - m) / s
-
-
-def _hooked_output(module: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor:
-    """Run `run()` and return what `module` produced during it."""
-    got: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda m, i, o: got.append(o))
-    try:
-        run()
-    finally:
-        handle.remove()
-    if len(got) != 1:
-        raise RuntimeError(f"expected one call of the hooked module, saw {len(got)}")
-    return got[0]
-
-
-def _tokens_to_grid(tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(B, N, D) -> (B, D, h, w) float32."""
-    return tokens.float().transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *hw)
-
-
-@torch.no_grad()
-def sd_features(dm, pixels: torch.Tensor, *, layers: Sequence[str] = SD_LAYERS, timestep: int = SD_TIMESTEP,
-                noise_seed: int | None = SD_NOISE_SEED) -> torch.Tensor:
-    """`to_q` outputs of the named attn2 layers for one UNet pass at t with the empty prompt and no CFG,
-    upsampled bilinearly to the latent grid and concatenated: (B, ΣC, h, w).
-
-    The VAE posterior sample and the DDPM noise use the same normal tensor (the official code draws both
-    from generators seeded alike); here it is `seeded_noise(noise_seed)` for every image (order-independent),
-    or the global RNG when noise_seed is None.
-    """
-    unet, vae = dm.unet, dm.vae
-    b = pixels.shape[0]
-    f = dm.vae_factor
-    shape = (unet.config.in_channels, pixels.shape[-2] // f, pixels.shape[-1] // f)
-    noise = (seeded_noise((1, *shape), noise_seed, torch.float32).expand(b, *shape) if noise_seed is not None
-             else torch.randn((b, *shape)))
-    z0 = encode_latents(vae, pixels, dm.vae_scale, noise=noise)
-    zt = add_noise(z0, noise.to(device=z0.device, dtype=z0.dtype), float(dm.scheduler.alphas_cumprod[timestep]))
-    empty = encode_prompts(dm.text_encoder, tokenize_prompts(dm.tokenizer, [""])).expand(b, -1, -1).to(unet.dtype)
-    factors = attention_layers(unet)
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for layer in layers:
-            name = f"{layer}.transformer_blocks.0.attn2"
-            if f"{name}.processor" not in factors:
-                raise ValueError(f"sd_layers: the UNet has no {name}")
-            handles.append(unet.get_submodule(f"{name}.to_q").register_forward_hook(
-                lambda m, i, o, key=layer: captured.__setitem__(key, o)))
-        unet(zt.to(unet.dtype), timestep, encoder_hidden_states=empty)
-    finally:
-        for h in handles:
-            h.remove()
-    out = []
-    for layer in layers:
-        fac = factors[f"{layer}.transformer_blocks.0.attn2.processor"][1]
-        grid = _tokens_to_grid(captured[layer], (math.ceil(shape[1] / fac), math.ceil(shape[2] / fac)))
-        if tuple(grid.shape[-2:]) != shape[1:]:
-            grid = F.interpolate(grid, size=shape[1:], mode="bilinear", align_corners=False)
-        out.append(grid)
-    return torch.cat(out, 1)
-
-
-def _vit_key_module(model) -> torch.nn.Module:
-    last = model.config.num_hidden_layers - 1
-    for name in (f"layers.{last}.attention.k_proj", f"encoder.layer.{last}.attention.attention.key"):
-        try:
-            return model.get_submodule(name)
-        except AttributeError:
-            continue
-    raise RuntimeError(f"cannot find the key projection of the last block of {type(model).__name__}")
-
-
-@torch.no_grad()
-def dino_keys(dino, pixels: torch.Tensor) -> torch.Tensor:
-    """Keys of the last DINO block, W_k·LN1(x) + b_k, heads concatenated, CLS dropped: (B, D, H/p, W/p)."""
-    model = dino.model
-    device, dtype = model_device_dtype(model)
-    p = model.config.patch_size
-    x = _normalise(pixels.to(device=device, dtype=torch.float32), IMAGENET_MEAN, IMAGENET_STD).to(dtype)
-    keys = _hooked_output(_vit_key_module(model), lambda: model(pixel_values=x, interpolate_pos_encoding=True))
-    return _tokens_to_grid(keys[:, 1:], (pixels.shape[-2] // p, pixels.shape[-1] // p))
-
-
-@torch.no_grad()
-def clip_keys(clip, pixels: torch.Tensor, layer: int = CLIP_KEY_LAYER) -> torch.Tensor:
-    """Keys of CLIP vision block `layer` (ImageNet statistics, as the official code), CLS dropped."""
-    vision = clip.model.vision_model
-    device, dtype = model_device_dtype(vision)
-    p = clip.model.config.vision_config.patch_size
-    x = _normalise(pixels.to(device=device, dtype=torch.float32), IMAGENET_MEAN, IMAGENET_STD).to(dtype)
-    module = vision.encoder.layers[layer].self_attn.k_proj
-    keys = _hooked_output(module, lambda: vision(pixel_values=x, interpolate_pos_encoding=True))
-    return _tokens_to_grid(keys[:, 1:], (pixels.shape[-2] // p, pixels.shape[-1] // p))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Prototypes (§3 steps 7-8)
 # ---------------------------------------------------------------------------------------------------------
 def downsample_masks(masks: torch.Tensor, hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -600,7 +427,7 @@ def category_filter(clip, image: Image.Image, names: Sequence[str], is_stuff: Se
     sq = np.asarray(image.convert("RGB").resize((filter_size, filter_size), Image.LANCZOS), dtype=np.float32) / 255
     x = torch.from_numpy(sq).permute(2, 0, 1)[None].to(device)
     x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
-    x = _normalise(x, CLIP_MEAN, CLIP_STD).to(dtype)
+    x = normalise(x, CLIP_MEAN, CLIP_STD).to(dtype)
     img = F.normalize(model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1)[0]
     texts = encode_texts(clip, [f"a {names[i]}" for i in cand])
     p = torch.softmax(logit_scale * (texts @ img), dim=0)
@@ -805,10 +632,10 @@ class OVDiff(Method):
         """(B, 3, H, W) in [0, 1] -> (B, D, h, w) float32 features of one named extractor."""
         cfg = self.config
         if extractor == "sd":
-            return sd_features(self.models["diffusion"], pixels.to(self.device), layers=cfg.sd_layers,
-                               timestep=cfg.sd_timestep, noise_seed=cfg.sd_noise_seed)
+            return unet_queries(self.models["diffusion"], pixels.to(self.device), layers=cfg.sd_layers,
+                                timestep=cfg.sd_timestep, noise_seed=cfg.sd_noise_seed)
         if extractor == "dino":
-            return dino_keys(self.models["dino"], pixels)
+            return vit_keys(self.models["dino"], pixels)
         if extractor == "clip":
             return clip_keys(self.models["clip"], pixels, cfg.clip_layer)
         raise ValueError(f"unknown feature extractor {extractor!r}")

@@ -45,3 +45,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, cuda_de
     if key not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPE_NAMES)}")
     return _DTYPE_NAMES[key]
+
+
+def model_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a loaded module's weights live and in which dtype: inputs are moved to match."""
+    p = next(module.parameters())
+    return p.device, p.dtype
