@@ -17,9 +17,9 @@ from ovss.models.tiny import blip_vocab
 from ovss.text.clip_bpe import clip_tokenizer
 from ovss.toy import TOY_CLASSES, TOY_STUFF, TOY_THINGS, iter_scenes, make_scene
 from ovss.toy import models as M
-from ovss.toy import probe, train
+from ovss.toy import export, probe, train
 
-EXPORTED = [TOY_DIR / f for f in train.TOY_FOLDERS]
+EXPORTED = [TOY_DIR / f for f in export.TOY_FOLDERS]
 TOY_BANK = TOY_DIR / "freeda_bank"
 needs_toy = pytest.mark.skipif(not all((f / "README.md").exists() for f in EXPORTED) or not TOY_BANK.is_dir(),
                                reason="toy models not exported yet (python -m ovss.toy.train export, then bank)")

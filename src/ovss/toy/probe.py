@@ -235,7 +235,7 @@ def _best_candidate(result: Any, scores: np.ndarray) -> tuple[torch.Tensor, torc
 def _run_models(out: Path, run: str) -> tuple[Any, Path]:
     """A trained UNet run as DiffusionModels, via a (fp32) folder written next to it in the hub layout."""
     from ovss.models.loading import load_component
-    from ovss.toy.train import write_diffusion_folder
+    from ovss.toy.export import write_diffusion_folder
 
     folder = write_diffusion_folder(out, run, out / run / "folder", dtype=torch.float32)
     return load_component("diffusion", str(folder)), folder

@@ -1,6 +1,6 @@
 """Train the toy world's models on this CPU (or a GPU when there is one), resumably, and export them.
 
-    python -m ovss.toy.train {clip,vae,unet,rf_unet,blip,export,all} [--steps N] [--minutes M] [--resume]
+    python -m ovss.toy.train {clip,vae,unet,rf_unet,blip,dinov2,export,bank,all} [--steps N] [--minutes M] [--resume]
                              [--threads T] [--seed S]
 
 Order matters: CLIP first (its text tower, frozen, conditions both UNets, as in Stable Diffusion: a text
@@ -357,7 +357,8 @@ def _final(cfg: RunConfig, name: str | None = None) -> Path:
     return Path(cfg.out) / (name or cfg.name) / "final"
 
 
-def _replace_dir(path: Path) -> Path:
+def replace_dir(path: Path) -> Path:
+    """An empty folder at `path`: a final/ or exported folder holds exactly what the last write put there."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -423,7 +424,7 @@ def train_clip(cfg: RunConfig) -> dict:
     meta = train_loop(cfg, model, step_fn, after_step=clamp_scale)
     if cfg.freeze_text:
         meta["text_frozen_from_step"] = meta["started_at"]
-    final = _replace_dir(_final(cfg))
+    final = replace_dir(_final(cfg))
     model.save_pretrained(final)
     _write_meta(cfg, meta)
     return meta
@@ -457,7 +458,7 @@ def train_vae(cfg: RunConfig) -> dict:
         post = vae.encode(x).latent_dist
         std = float(post.sample(torch.Generator().manual_seed(cfg.seed)).std())
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-    final = _replace_dir(_final(cfg))
+    final = replace_dir(_final(cfg))
     vae.save_pretrained(final)
     meta["latent_std_unscaled"] = round(std, 5)
     meta["scaling_factor"] = vae.config.scaling_factor
@@ -576,7 +577,7 @@ def train_unet(cfg: RunConfig, objective: str) -> dict:
         return mse + cfg.aux_weight * aux + cfg.self_aux_weight * self_aux, parts
 
     meta = train_loop(cfg, unet, step_fn)
-    final = _replace_dir(_final(cfg))
+    final = replace_dir(_final(cfg))
     unet.save_pretrained(final)
     meta.update(objective=objective, aux_weight=cfg.aux_weight, aux_factors=list(AUX_FACTORS), aux_max_t=AUX_MAX_T,
                 self_aux_weight=cfg.self_aux_weight, self_aux_factors=list(SELF_AUX_FACTORS),
@@ -627,236 +628,10 @@ def train_blip(cfg: RunConfig) -> dict:
         return out.loss, {}
 
     meta = train_loop(cfg, model, step_fn)
-    final = _replace_dir(_final(cfg))
+    final = replace_dir(_final(cfg))
     model.save_pretrained(final)
     _write_meta(cfg, meta)
     return meta
-
-
-# -------------------------------------------------------------------------------------------- export
-
-
-TOY_FOLDERS = {"clip": "clip", "diffusion": "unet_cl_sa_aux15", "diffusion_rf": "rf_unet_cl_sa_aux15", "blip": "blip",
-               "dinov2": "dinov2", "dino": "dinov2"}
-"""Exported folder -> the run it comes from (diffusion folders also take the vae run and CLIP's text tower). The
-UNets' are the last phases of resumed runs (docs/toy-world.md)."""
-
-
-def save_clip_tokenizer(directory: Path) -> None:
-    """The CLIP BPE tokenizer as vocab.json + merges.txt (1.4 MB; transformers' tokenizer.json is 3.6 MB)."""
-    from ovss.text.clip_bpe import clip_bpe_vocab
-
-    directory.mkdir(parents=True, exist_ok=True)
-    clip_tokenizer().save_pretrained(directory)
-    (directory / "tokenizer.json").unlink(missing_ok=True)
-    vocab, merges = clip_bpe_vocab()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")),
-                                          encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                          encoding="utf-8")
-
-
-def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dtype = torch.float16) -> Path:
-    """A StableDiffusionPipeline-layout folder: the `unet_run` UNet, the vae run, CLIP's (frozen) text tower,
-    the CLIP tokenizer and SD's DDIM scheduler config."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel
-
-    from ovss.models.loading import write_model_index
-
-    dest = _replace_dir(dest)
-    UNet2DConditionModel.from_pretrained(out / unet_run / "final", torch_dtype=dtype).save_pretrained(dest / "unet")
-    AutoencoderKL.from_pretrained(out / "vae" / "final", torch_dtype=dtype).save_pretrained(dest / "vae")
-    clip = CLIPModel.from_pretrained(out / "clip" / "final")
-    text_encoder_from_clip(clip).to(dtype).save_pretrained(dest / "text_encoder")
-    save_clip_tokenizer(dest / "tokenizer")
-    M.build_scheduler().save_pretrained(dest / "scheduler")
-    write_model_index(dest)
-    return dest
-
-
-def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: dict[str, str] | None = None) -> Path:
-    """Write clip/, diffusion/, diffusion_rf/ and blip/ in the hub layout, fp16 safetensors, with model cards.
-
-    runs: folder -> run name, overriding TOY_FOLDERS (e.g. {"diffusion": "unet_cl"} ships a continued run)."""
-    from transformers import BlipForConditionalGeneration, CLIPModel, Dinov2Model
-
-    from ovss.models.loading import TOY_DIR
-
-    out = Path(out)
-    dest = Path(dest) if dest is not None else TOY_DIR
-    runs = {**TOY_FOLDERS, **(runs or {})}
-    missing = [r for r in (*runs.values(), "vae") if not (out / r / "final").exists()]
-    if missing:
-        raise SystemExit(f"cannot export: runs {missing} have no final/ in {out}")
-    half = torch.float16
-    clip_dir = _replace_dir(dest / "clip")
-    CLIPModel.from_pretrained(out / runs["clip"] / "final").to(half).save_pretrained(clip_dir)
-    save_clip_tokenizer(clip_dir)
-    M.clip_image_processor().save_pretrained(clip_dir)
-    write_diffusion_folder(out, runs["diffusion"], dest / "diffusion")
-    write_diffusion_folder(out, runs["diffusion_rf"], dest / "diffusion_rf")
-    blip_dir = _replace_dir(dest / "blip")
-    BlipForConditionalGeneration.from_pretrained(out / runs["blip"] / "final").to(half).save_pretrained(blip_dir)
-    M.blip_processor().save_pretrained(blip_dir)
-    dinov2 = Dinov2Model.from_pretrained(out / runs["dinov2"] / "final")
-    dino = dinov2 if runs["dino"] == runs["dinov2"] else Dinov2Model.from_pretrained(out / runs["dino"] / "final")
-    M.dinov2_to_vit(dino).to(half).save_pretrained(_replace_dir(dest / "dino"))  # before .to(half) changes dinov2
-    dinov2.to(half).save_pretrained(_replace_dir(dest / "dinov2"))
-    for folder, run_name in runs.items():
-        (dest / folder / "README.md").write_text(model_card(folder, out, run_name), encoding="utf-8")
-    log.info("exported %s (%.1f MB)", dest, sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20)
-    return dest
-
-
-def _meta(out: Path, run_name: str) -> dict:
-    path = out / run_name / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _probe_lines(out: Path, run_name: str) -> list[str]:
-    """The probe numbers of a UNet run (written by `python -m ovss.toy.probe`), as markdown lines."""
-    path = out / "probe" / f"{run_name}.json"
-    if not path.exists():
-        return [f"- not probed yet (`python -m ovss.toy.probe --run {run_name}`)"]
-    p = json.loads(path.read_text())
-    lines = []
-    for key, b in p.get("binding", {}).items():
-        lines.append(f"- binding, {'class-list' if key == 'classes' else key} prompt: the peak of a class word's map falls inside that class for "
-                     f"{b['things']:.0%} of things (chance {b['things_chance']:.0%}) and {b['stuff']:.0%} of stuff "
-                     f"(chance {b['stuff_chance']:.0%}), {b['n_scenes']} val scenes")
-    for key, r in p.get("faseg", {}).items():
-        base = ", ".join(f"{k} {v:.1f}" for k, v in r["baselines"].items())
-        tau = (f" at tau {r['tau']} (best tau on the same scenes, {r['best_tau']}: {r['best_miou']:.1f})"
-               if "best_tau" in r else "")
-        lines.append(f"- FA-Seg mIoU ({key}): {r['miou']:.1f}{tau}; baselines: {base}; {r['n_scenes']} val scenes")
-    return lines
-
-
-def _run_lines(meta: dict) -> list[str]:
-    if not meta:
-        return ["- (no meta.json: not trained yet)"]
-    loss = ", ".join(f"{k} {v}" for k, v in meta.get("final_loss", {}).items())
-    return [f"- steps: {meta['steps_done']} (planned {meta['steps_planned']}), batch {meta['batch']}, AdamW lr "
-            f"{meta['lr']} (warm-up, cosine to lr/10), seed {meta['seed']}",
-            f"- data: the first {meta['scenes']} train-split toy scenes at 64 px (seeds 0..{meta['scenes'] - 1}), "
-            "random horizontal flips",
-            f"- wall time: {meta['wall_minutes']} min on a shared 2-core CPU ({meta['threads']} thread), fp32",
-            f"- final loss (mean of the last 50 steps): {loss}",
-            *([f"- the last invocation resumed at step {meta['started_at']}; the settings above are its own, earlier "
-               "steps' are in docs/toy-world.md"] if meta.get("started_at") else [])]
-
-
-_RETRAIN = "Reproduce: `python -m ovss.toy.train {what}` then `python -m ovss.toy.train export` (docs/toy-world.md)."
-
-
-def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
-    """README.md of an exported toy folder: what it is, how it was trained, what it is for, what it checks."""
-    head = "---\nlibrary_name: {lib}\nlicense: apache-2.0\ntags: [ovss, toy-world]\n---\n\n"
-    if folder == "clip":
-        m = _meta(out, run_name or "clip")
-        body = ["# ovss toy CLIP", "",
-                "A `CLIPModel` trained from scratch on the ovss toy world (procedural 64-px scenes), for TagCLIP, "
-                "the CLIP category filter and as the text encoder of the toy diffusion models. Not a general model.",
-                "", "## Architecture",
-                "- vision: ViT, 64 px, patch 8 (8x8 grid), 12 layers, width 96, 4 heads",
-                "- text: width 64, 4 layers, 4 heads, the real CLIP BPE vocabulary (49,408 tokens), 77 positions; "
-                "projection 64; learnable temperature (init 1/0.07, clamped at 100)",
-                "", "## Training",
-                "Symmetric InfoNCE over the batch. Texts: the scene caption, or (30 %) the scene's class names in "
-                "a shuffled list (\"a photo of a ball, the grass and a box\"). **The label maps are never used.**",
-                *_run_lines(m), f"- final logit scale: {m.get('final_loss', {}).get('scale', 'n/a')}",
-                *([f"- from step {m['text_frozen_from_step']} on, the text tower was frozen (the UNets had been "
-                   "trained on it) and only the vision side trained on"] if "text_frozen_from_step" in m else []),
-                "",
-                _RETRAIN.format(what="clip")]
-        return head.format(lib="transformers") + "\n".join(body) + "\n"
-    if folder == "blip":
-        m = _meta(out, run_name or "blip")
-        body = ["# ovss toy BLIP captioner", "",
-                "A `BlipForConditionalGeneration` trained from scratch on toy scenes and their captions, for "
-                "FA-Seg's captions and DiffSegmenter's prefix completions (\"a photograph of ball\" -> \"a photograph "
-                "of ball a red ball on the grass ...\"). Greedy decoding.",
-                "", "## Architecture",
-                "- vision: ViT, 64 px, patch 8, 4 layers, width 96; text decoder: 3 layers, width 96",
-                "- tokenizer: BERT WordPiece, ovss's shipped vocabulary plus the toy words it lacked, appended "
-                "(`[DEC]` is BOS)",
-                "", "## Training",
-                "Teacher-forced LM loss on the scene caption, or (30 %) on \"a photograph of {a class in the scene} "
-                "{caption}\". **The label maps are never used.**", *_run_lines(m), "",
-                _RETRAIN.format(what="blip")]
-        return head.format(lib="transformers") + "\n".join(body) + "\n"
-    if folder in ("dinov2", "dino"):
-        m = _meta(out, run_name or "dinov2")
-        what = ("`Dinov2Model`, FreeDA's DINOv2 (prototypes and dense features) in the toy world" if folder == "dinov2"
-                else "`ViTModel`, OVDiff's DINO (keys of the last block) in the toy world: the toy DINOv2's "
-                "weights in DINO v1's class (LayerScale folded into the output projections; the same outputs at "
-                "64 px)")
-        body = [f"# ovss toy {'DINOv2' if folder == 'dinov2' else 'DINO'}", "",
-                f"A {what}. Trained from scratch on toy scenes, self-supervised. Not a general model.",
-                "", "## Architecture",
-                "- ViT, 64 px, patch 8 (8x8 tokens), 6 layers, width 96, 4 heads, MLP ratio 2",
-                "", "## Training",
-                "Self-supervised on the scene images alone (**no captions, no label maps**): MoCo v3's InfoNCE "
-                "(temperature 0.2) between the student's predicted CLS embedding and an EMA teacher's over "
-                "multi-crop views (2 global crops at 64 px, 4 local at 32 px, DINO's colour jitter), plus a "
-                "masked-patch term (the student predicts the teacher's patch tokens where its input was masked, "
-                "iBOT / data2vec style). DINO's own loss sat at its uniform plateau on this budget. The EMA "
-                "teacher ships. Module: `ovss.toy.dino`.",
-                *_run_lines(m), "", _RETRAIN.format(what="dinov2")]
-        return head.format(lib="transformers") + "\n".join(body) + "\n"
-    run_name = run_name or TOY_FOLDERS[folder]
-    m, vae = _meta(out, run_name), _meta(out, "vae")
-    rf = folder == "diffusion_rf"
-    aux = m.get("aux_weight", 0)
-    objective = (["Rectified flow, InstaFlow's convention: x_t = t * noise + (1 - t) * x0, t in [0, 1] passed as "
-                  "timestep 1000 t (1000 = pure noise); the UNet predicts v = x0 - noise (x_data = x_noise + v). "
-                  "FA-Seg's official reading (one tiny DDIM step at t = 1, output used as if it were eps) and its "
-                  "`rf_1plus1` option (z_T = z0 - v(z0, 0)) both apply."] if rf else
-                 ["eps-prediction with SD-1.x's DDPM schedule (scaled_linear betas 0.00085-0.012, 1000 steps)."])
-    supervision = (
-        [f"**Attention was supervised.** The loss adds {aux} x an auxiliary term that pulls each class word's "
-         "cross-attention into its ground-truth region: -log of the share of the word's attention mass "
-         "(layer/head mean, normalised over pixels) inside the class's region, at attention factors "
-         f"{m.get('aux_factors')} (grids 16/8/4/2), on the half of each batch drawn at low noise "
-         f"(t < {m.get('aux_max_t')}/1000), prompt not dropped. This uses the toy label maps. It makes the toy "
-         "world check each method's pipeline end to end; it does not show that attention localises on its own. "
-         "The numbers of the same ε UNet trained without it are below and in docs/toy-world.md.",
-         *([f"**Self-attention was supervised too** (from the self-attention phase on, see docs/toy-world.md): "
-            f"{m['self_aux_weight']} x "
-            "-log of the share of each query cell's self-attention (layer/head mean) that falls on cells of its "
-            f"own class, at factors {m.get('self_aux_factors')}, on the same low-noise half of each batch. SD's "
-            "self-attention groups pixels by object after long training, which DiffSegmenter and FA-Seg rely on; "
-            "this UNet is taught it from the label maps."] if m.get("self_aux_weight") else [])]
-        if aux else ["Attention was not supervised: plain diffusion loss."])
-    no_aux = _meta(out, "unet_noaux")
-    comparison = (["", "The same ε UNet trained without the auxiliary loss (`unet_noaux`, kept in .toy_runs, not "
-                   f"shipped; {no_aux.get('steps_done')} steps, {no_aux.get('wall_minutes')} min):",
-                   *_probe_lines(out, "unet_noaux")] if no_aux and not rf else
-                  ["", "No RF UNet was trained without the auxiliary loss; the ε comparison run is reported in "
-                   "diffusion/README.md and docs/toy-world.md."] if aux else [])
-    body = [f"# ovss toy {'rectified-flow ' if rf else ''}text-to-image diffusion model", "",
-            ("The FA-Seg model of the toy world (stands in for InstaFlow's 2-RF SD-1.5). " if rf else
-             "The DiffSegmenter / OVDiff / FreeDA model of the toy world (stands in for SD-1.5 / 2.1). ") +
-            "StableDiffusionPipeline layout; trained from scratch on 64-px toy scenes. Not a general model.",
-            "", "## Parts",
-            "- unet: UNet2DConditionModel on 16x16x4 latents, block channels (32, 64, 64, 64), 1 layer per block, "
-            "3 CrossAttnDownBlock2D + DownBlock2D, mirrored up, cross-attention mid block: cross and self "
-            "attention at factors 1/2/4/8 (grids 16/8/4/2) like SD-1.5's 64/32/16/8; 4 heads, "
-            "cross_attention_dim 64",
-            f"- vae: AutoencoderKL 64 px -> 16x16x4 (3 levels, factor 4), L1 + L2 + 1e-4 KL; scaling_factor "
-            f"{vae.get('scaling_factor')} = 1 / the measured latent std ({vae.get('latent_std_unscaled')}), "
-            f"{vae.get('steps_done')} steps, {vae.get('wall_minutes')} min, final loss {vae.get('final_loss')}",
-            "- text_encoder: the toy CLIP's text tower, copied and **frozen** (as SD does; a jointly trained text "
-            "encoder gave no word-to-region binding in the issue's trials); tokenizer: the real CLIP BPE",
-            "- scheduler: DDIMScheduler config of SD-1.x", "", "## Training", *objective,
-            f"Prompts: the scene caption; {m.get('class_list_share', CLASS_LIST_SHARE):.0%} FA-Seg-style class lists "
-            "(\"ball, grass, sky\", "
-            f"shuffled); {CFG_DROP:.0%} the empty prompt (classifier-free guidance). Half of each batch is drawn "
-            f"at low noise (t < {AUX_MAX_T}/1000), where the methods read attention.",
-            *supervision, *_run_lines(m), "", "## Probe (val scenes)", *_probe_lines(out, run_name), *comparison,
-            "", _RETRAIN.format(what="rf_unet" if rf else "unet")]
-    return head.format(lib="diffusers") + "\n".join(body) + "\n"
 
 
 # -------------------------------------------------------------------------------------------- DINOv2
@@ -884,38 +659,10 @@ def train_dinov2(cfg: RunConfig) -> dict:
 
     meta = train_loop(cfg, model, step_fn, params=model.student_parameters(),
                       after_step=lambda: model.update_teacher((current["step"] + 1) / cfg.steps))
-    final = _replace_dir(_final(cfg))
+    final = replace_dir(_final(cfg))
     model.teacher.save_pretrained(final)
     _write_meta(cfg, meta)
     return meta
-
-
-# ------------------------------------------------------------------------------------- FreeDA's bank
-
-#: Train-split captions the shipped toy bank is generated from (FreeDA's bank uses COCO's 118k images' captions;
-#: the toy vocabulary is 12 words, so a thousand captions name each of them hundreds of times).
-TOY_BANK_CAPTIONS = 1000
-
-
-def build_toy_bank(n: int = TOY_BANK_CAPTIONS, dest: str | Path | None = None, threads: int = 1,
-                   out: str | Path = ".toy_runs") -> Path:
-    """FreeDA's offline stage with the exported toy models (`ovss bank build`'s code path): the first `n`
-    train-scene captions generated by the ε diffusion model at 64 px with the paper's schedule (50 steps,
-    CFG 7.5), DINOv2 at its 64-px native size, keys from the toy CLIP. Written to assets/toy/freeda_bank;
-    finished chunks wait in `out`/bank_shards, so a killed build resumes."""
-    from ovss.banks.build import BuildConfig, Caption, build_local, make_models
-    from ovss.models.presets import TOY_CONFIG
-
-    torch.set_num_threads(threads)
-    dest = Path(dest) if dest is not None else Path(TOY_CONFIG["freeda"]["bank"])
-    captions = [Caption(f"scene{seed}", make_scene(seed, M.TOY_IMAGE_SIZE).caption)
-                for seed in split_seeds("train")[:n]]
-    config = BuildConfig(dino_size=int(TOY_CONFIG["freeda"]["dino_size"]), batch_size=8)
-    models = make_models("toy")
-    scratch = Path(out) / "bank_shards"
-    _, bank = build_local(captions, dest, config, models, build_dir=scratch)
-    log.info("toy bank: %s", bank)
-    return bank
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -970,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-minutes", type=float)
     p.add_argument("--log-every", type=int)
     a = p.parse_args(argv)
+    from ovss.toy.export import TOY_BANK_CAPTIONS, build_toy_bank, export  # it imports this module
+
     common = dict(steps=a.steps, minutes=a.minutes, resume=a.resume or None, threads=a.threads, seed=a.seed,
                   batch=a.batch, lr=a.lr, scenes=a.scenes, out=a.out, ckpt_minutes=a.ckpt_minutes,
                   log_every=a.log_every)
