@@ -181,7 +181,8 @@ def smoke_runs(tmp_path_factory):
     train.main(["clip", "--name", "clip_hn", "--steps", "2", "--scenes", "2", "--out", str(out), "--threads", "1",
                 "--hard-negatives", "1", "--thing-phrases", "0.5"])
     dest = out / "toy"
-    train.main(["export", "--out", str(out), "--dest", str(dest), "--runs", "diffusion=unet_sa,diffusion_rf=rf_unet"])
+    train.main(["export", "--out", str(out), "--dest", str(dest), "--runs",
+                "diffusion=unet_sa,diffusion_rf=rf_unet,clip=clip_hn"])
     return out, dest
 
 
@@ -239,9 +240,22 @@ def test_export_layout_loads_through_the_normal_loaders(smoke_runs):
     assert (dest / "diffusion_rf" / "README.md").read_text().count("InstaFlow") >= 1
 
 
-def test_exported_text_encoders_equal_the_clip_text_tower(smoke_runs):
-    _, dest = smoke_runs
-    _assert_text_towers_equal(dest)
+def test_exported_text_encoders_are_the_unets_clip_run_whichever_clip_ships(smoke_runs):
+    out, dest = smoke_runs
+    from transformers import CLIPModel
+
+    # clip/ ships clip_hn; the UNets were trained on the `clip` run's text tower, and keep it.
+    trained_on = CLIPModel.from_pretrained(out / export.TEXT_ENCODER_RUN / "final").to(torch.float16)
+    for folder in ("diffusion", "diffusion_rf"):
+        te = load_component("diffusion", str(dest / folder)).text_encoder.state_dict()
+        tower = trained_on.text_model.state_dict()
+        assert te.keys() == tower.keys() and all(torch.equal(te[k], tower[k]) for k in te), folder
+    shipped = load_component("clip", str(dest / "clip")).model
+    hn = CLIPModel.from_pretrained(out / "clip_hn" / "final").to(torch.float16)
+    assert torch.equal(shipped.visual_projection.weight, hn.visual_projection.weight)
+    card = (dest / "clip" / "README.md").read_text()
+    assert "100% of texts bring a hard negative" in card and "50% of texts name the scene's things alone" in card
+    assert "later CLIP run can ship as clip/" in (dest / "diffusion" / "README.md").read_text()
 
 
 def test_probe_numbers_are_in_range(smoke_runs):

@@ -19,6 +19,9 @@ TOY_FOLDERS = {"clip": "clip", "diffusion": "unet_cl_sa_aux15", "diffusion_rf": 
                "dinov2": "dinov2", "dino": "dinov2"}
 """Exported folder -> the run it comes from (diffusion folders also take the vae run and CLIP's text tower). The
 UNets' are the last phases of resumed runs (docs/toy-world.md)."""
+#: The CLIP run whose text tower the UNets were trained on, frozen: the diffusion folders' text_encoder always
+#: comes from it, whichever CLIP run clip/ ships (the UNets would need retraining on another text tower).
+TEXT_ENCODER_RUN = "clip"
 
 
 def save_clip_tokenizer(directory: Path) -> None:
@@ -46,7 +49,7 @@ def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dt
     dest = replace_dir(dest)
     UNet2DConditionModel.from_pretrained(out / unet_run / "final", torch_dtype=dtype).save_pretrained(dest / "unet")
     AutoencoderKL.from_pretrained(out / "vae" / "final", torch_dtype=dtype).save_pretrained(dest / "vae")
-    clip = CLIPModel.from_pretrained(out / "clip" / "final")
+    clip = CLIPModel.from_pretrained(out / TEXT_ENCODER_RUN / "final")
     text_encoder_from_clip(clip).to(dtype).save_pretrained(dest / "text_encoder")
     save_clip_tokenizer(dest / "tokenizer")
     M.build_scheduler().save_pretrained(dest / "scheduler")
@@ -65,7 +68,7 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
     out = Path(out)
     dest = Path(dest) if dest is not None else TOY_DIR
     runs = {**TOY_FOLDERS, **(runs or {})}
-    missing = [r for r in (*runs.values(), "vae") if not (out / r / "final").exists()]
+    missing = [r for r in (*runs.values(), "vae", TEXT_ENCODER_RUN) if not (out / r / "final").exists()]
     if missing:
         raise SystemExit(f"cannot export: runs {missing} have no final/ in {out}")
     half = torch.float16
@@ -101,7 +104,8 @@ def _probe_lines(out: Path, run_name: str) -> list[str]:
     p = json.loads(path.read_text())
     lines = []
     for key, b in p.get("binding", {}).items():
-        lines.append(f"- binding, {'class-list' if key == 'classes' else key} prompt: the peak of a class word's map falls inside that class for "
+        prompt = "class-list" if key == "classes" else key
+        lines.append(f"- binding, {prompt} prompt: the peak of a class word's map falls inside that class for "
                      f"{b['things']:.0%} of things (chance {b['things_chance']:.0%}) and {b['stuff']:.0%} of stuff "
                      f"(chance {b['stuff_chance']:.0%}), {b['n_scenes']} val scenes")
     for key, r in p.get("faseg", {}).items():
@@ -144,6 +148,11 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
                 "", "## Training",
                 "Symmetric InfoNCE over the batch. Texts: the scene caption, or (30 %) the scene's class names in "
                 "a shuffled list (\"a photo of a ball, the grass and a box\"). **The label maps are never used.**",
+                *([f"- {m['thing_phrases']:.0%} of texts name the scene's things alone (\"a photo of a ball and a "
+                   "box\"), which only shape tells apart from another scene's"] if m.get("thing_phrases") else []),
+                *([f"- {m['hard_negatives']:.0%} of texts bring a hard negative, the same text with one thing word "
+                   "swapped for a thing the scene lacks, as an extra negative on the image -> text side (NegCLIP)"]
+                  if m.get("hard_negatives") else []),
                 *_run_lines(m), f"- final logit scale: {m.get('final_loss', {}).get('scale', 'n/a')}",
                 *([f"- from step {m['text_frozen_from_step']} on, the text tower was frozen (the UNets had been "
                    "trained on it) and only the vision side trained on"] if "text_frozen_from_step" in m else []),
@@ -226,8 +235,10 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
             f"- vae: AutoencoderKL 64 px -> 16x16x4 (3 levels, factor 4), L1 + L2 + 1e-4 KL; scaling_factor "
             f"{vae.get('scaling_factor')} = 1 / the measured latent std ({vae.get('latent_std_unscaled')}), "
             f"{vae.get('steps_done')} steps, {vae.get('wall_minutes')} min, final loss {vae.get('final_loss')}",
-            "- text_encoder: the toy CLIP's text tower, copied and **frozen** (as SD does; a jointly trained text "
-            "encoder gave no word-to-region binding in the issue's trials); tokenizer: the real CLIP BPE",
+            f"- text_encoder: the text tower of the toy CLIP run `{TEXT_ENCODER_RUN}`, copied and **frozen** (as SD "
+            "does; a jointly trained text encoder gave no word-to-region binding in the issue's trials). A later "
+            "CLIP run can ship as clip/ without touching it, as SD-1.5's text encoder and the CLIP a method scores "
+            "with are different models too; tokenizer: the real CLIP BPE",
             "- scheduler: DDIMScheduler config of SD-1.x", "", "## Training", *objective,
             f"Prompts: the scene caption; {m.get('class_list_share', CLASS_LIST_SHARE):.0%} FA-Seg-style class lists "
             "(\"ball, grass, sky\", "

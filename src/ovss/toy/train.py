@@ -424,6 +424,7 @@ def train_clip(cfg: RunConfig) -> dict:
     meta = train_loop(cfg, model, step_fn, after_step=clamp_scale)
     if cfg.freeze_text:
         meta["text_frozen_from_step"] = meta["started_at"]
+    meta.update({k: v for k, v in (("hard_negatives", cfg.hard_negatives), ("thing_phrases", cfg.thing_phrases)) if v})
     final = replace_dir(_final(cfg))
     model.save_pretrained(final)
     _write_meta(cfg, meta)
