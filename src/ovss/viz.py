@@ -70,8 +70,8 @@ def overlay(image: ImageInput, labels: np.ndarray, classes: Sequence[str], alpha
     return _with_legend(result, [(classes[i], tuple(int(v) for v in pal[i])) for i in present])
 
 
-def _with_legend(img: Image.Image, entries: list[tuple[str, tuple[int, ...]]]) -> Image.Image:
-    size = _font_size(img.width, img.height)
+def _with_legend(img: Image.Image, entries: list[tuple[str, tuple[int, ...]]], size: int | None = None) -> Image.Image:
+    size = size or _font_size(img.width, img.height)
     font = _font(size)
     pad = max(2, size // 2)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -125,4 +125,4 @@ def grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str] | None = N
     if legend is None:
         return canvas
     pal = palette(len(legend))
-    return _with_legend(canvas, [(name, tuple(int(v) for v in pal[i])) for i, name in enumerate(legend)])
+    return _with_legend(canvas, [(name, tuple(int(v) for v in pal[i])) for i, name in enumerate(legend)], size)
