@@ -57,7 +57,8 @@ def toy_models_installed() -> bool:
 def run_demo(out_dir: str | Path, *, models: str | None = None, n: int = 6, size: int = 160,
              methods: list[str] | None = None, device: str | None = None, seed: int | None = None) -> DemoResult:
     """Segment `n` toy test scenes with each method over the whole toy vocabulary (stuff and things, every
-    pixel labelled); write OUT/<method>/ outputs, OUT/grid.png (scene | truth | methods, one colour key), OUT/results.{json,md}."""
+    pixel labelled); write OUT/<method>/ outputs, OUT/grid.png (scene | truth | methods, one colour key),
+    OUT/results.{json,md}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if models is None:

@@ -5,7 +5,7 @@ use), so our label PNGs look like the datasets' ground truth when opened side by
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -67,10 +67,17 @@ def overlay(image: ImageInput, labels: np.ndarray, classes: Sequence[str], alpha
     if not legend:
         return result
     present = [int(i) for i in np.unique(labels)]
-    return _with_legend(result, [(classes[i], tuple(int(v) for v in pal[i])) for i in present])
+    return _with_legend(result, _legend_entries(classes, present))
 
 
-def _with_legend(img: Image.Image, entries: list[tuple[str, tuple[int, ...]]], size: int | None = None) -> Image.Image:
+def _legend_entries(classes: Sequence[str], indices: Iterable[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, palette colour) of the given class indices, the colours `overlay` paints them with."""
+    pal = palette(len(classes))
+    return [(classes[i], tuple(int(v) for v in pal[i])) for i in indices]
+
+
+def _with_legend(img: Image.Image, entries: list[tuple[str, tuple[int, ...]]],
+                 size: int | None = None) -> Image.Image:
     size = size or _font_size(img.width, img.height)
     font = _font(size)
     pad = max(2, size // 2)
@@ -124,5 +131,4 @@ def grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str] | None = N
         y += row_h[r] + pad
     if legend is None:
         return canvas
-    pal = palette(len(legend))
-    return _with_legend(canvas, [(name, tuple(int(v) for v in pal[i])) for i, name in enumerate(legend)], size)
+    return _with_legend(canvas, _legend_entries(legend, range(len(legend))), size)

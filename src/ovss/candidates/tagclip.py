@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from ovss.candidates.clip_filter import (CLIP_MEAN, CLIP_STD, IMAGENET_TEMPLATES, class_text_features,
-                                         model_device_dtype)
+from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD, IMAGENET_TEMPLATES, class_text_features
+from ovss.features import normalise
+from ovss.models.devices import model_device_dtype
 
 #: §3.1: the 5 scene templates appended to OpenAI's 80 ImageNet templates.
 SCENE_TEMPLATES: tuple[str, ...] = (
@@ -119,9 +120,7 @@ def preprocess(image: Image.Image, patch: int = 16, max_tokens: int | None = Non
             scale *= 0.99
     rgb = image.convert("RGB").resize((wp * patch, hp * patch), Image.BICUBIC)
     x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return ((x - mean) / std)[None]
+    return normalise(x[None], CLIP_MEAN, CLIP_STD)
 
 
 def resize_position_table(table: torch.Tensor, hp: int, wp: int) -> torch.Tensor:

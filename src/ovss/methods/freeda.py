@@ -26,7 +26,7 @@ from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD
 from ovss.dense.labels import labels_with_background, labels_without_background, resize_scores
 from ovss.dense.superpixels import felzenszwalb_params, pool_regions, region_weights, superpixels
 from ovss.dense.windows import resize_image, resize_short_side, slide_inference
-from ovss.features import dinov2_patch_tokens
+from ovss.features import dinov2_patch_tokens, normalise
 from ovss.methods.base import Method, SegmentRequest
 from ovss.registry import register
 from ovss.result import Segmentation
@@ -85,7 +85,7 @@ def clip_image_embedding(clip: Any, pixels: torch.Tensor, antialias: bool = Fals
     p = next(model.parameters())
     side = model.config.vision_config.image_size
     x = F.interpolate(pixels.float(), size=(side, side), mode="bicubic", align_corners=False, antialias=antialias)
-    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = normalise(x, CLIP_MEAN, CLIP_STD)
     feats = model.get_image_features(pixel_values=x.to(device=p.device, dtype=p.dtype)).pooler_output
     return F.normalize(feats.float().cpu(), dim=-1)
 

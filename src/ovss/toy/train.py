@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ovss.attention import AttentionCapture
 from ovss.candidates.clip_filter import CLIP_MEAN, CLIP_STD
+from ovss.features import normalise
 from ovss.io import atomic_write
 from ovss.text.clip_bpe import clip_tokenizer
 from ovss.toy import models as M
@@ -187,13 +188,6 @@ def images_to_tensor(images: np.ndarray, flip: np.ndarray | None = None) -> torc
         f = torch.from_numpy(flip)
         x[f] = x[f].flip(-1)
     return x
-
-
-def clip_normalize(x: torch.Tensor) -> torch.Tensor:
-    """What CLIP's image processor does to a 64-px image at 64 px: no resize, OpenAI mean/std."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 class ClassTokens:
@@ -402,7 +396,8 @@ def train_clip(cfg: RunConfig) -> dict:
     def step_fn(step: int):
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(bank), size=min(cfg.batch, len(bank)), replace=False)
-        pixels = clip_normalize(images_to_tensor(bank.images[idx], rng.random(len(idx)) < 0.5))
+        # what CLIP's image processor does to a 64-px image at 64 px: no resize, OpenAI mean/std
+        pixels = normalise(images_to_tensor(bank.images[idx], rng.random(len(idx)) < 0.5), CLIP_MEAN, CLIP_STD)
         texts = [clip_text(bank.captions[i], bank.tags[i], rng, cfg.thing_phrases) for i in idx]
         if not cfg.hard_negatives:
             enc = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
@@ -609,14 +604,13 @@ def train_blip(cfg: RunConfig) -> dict:
     processor = M.blip_processor()
     tok = processor.tokenizer
     bank = scene_bank("train", cfg.scenes, cfg.out)
-    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     bos = model.config.text_config.bos_token_id
 
     def step_fn(step: int):
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(bank), size=min(cfg.batch, len(bank)), replace=False)
-        pixels = (images_to_tensor(bank.images[idx], rng.random(len(idx)) < 0.5) - mean) / std
+        pixels = normalise(images_to_tensor(bank.images[idx], rng.random(len(idx)) < 0.5), mean, std)
         prompts, texts = zip(*(blip_target(bank.captions[i], bank.tags[i], rng) for i in idx))
         enc = tok(list(texts), padding=True, truncation=True, max_length=48, return_tensors="pt")
         ids = enc["input_ids"].clone()
