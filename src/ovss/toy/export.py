@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ovss.text.clip_bpe import clip_tokenizer
+from ovss.text.clip_bpe import clip_bpe_vocab, clip_tokenizer
 from ovss.toy import models as M
 from ovss.toy.scenes import make_scene, split_seeds
 from ovss.toy.train import AUX_MAX_T, CFG_DROP, CLASS_LIST_SHARE, replace_dir, text_encoder_from_clip
@@ -26,8 +26,6 @@ TEXT_ENCODER_RUN = "clip"
 
 def save_clip_tokenizer(directory: Path) -> None:
     """The CLIP BPE tokenizer as vocab.json + merges.txt (1.4 MB; transformers' tokenizer.json is 3.6 MB)."""
-    from ovss.text.clip_bpe import clip_bpe_vocab
-
     directory.mkdir(parents=True, exist_ok=True)
     clip_tokenizer().save_pretrained(directory)
     (directory / "tokenizer.json").unlink(missing_ok=True)
