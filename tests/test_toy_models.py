@@ -176,10 +176,10 @@ def smoke_runs(tmp_path_factory):
     torch.set_num_threads(1)
     for kind in ("clip", "vae", "unet", "rf_unet", "blip", "dinov2"):
         train.main([kind, "--steps", "2", "--scenes", "2", "--out", str(out), "--threads", "1", "--log-every", "1"])
-    train.main(["unet", "--name", "unet_sa", "--steps", "2", "--scenes", "2", "--out", str(out), "--threads", "1",
-                "--self-aux-weight", "0.5"])
     train.main(["clip", "--name", "clip_hn", "--steps", "2", "--scenes", "2", "--out", str(out), "--threads", "1",
                 "--hard-negatives", "1", "--thing-phrases", "0.5"])
+    train.main(["unet", "--name", "unet_sa", "--steps", "2", "--scenes", "2", "--out", str(out), "--threads", "1",
+                "--self-aux-weight", "0.5", "--text-encoder", "clip_hn"])
     dest = out / "toy"
     train.main(["export", "--out", str(out), "--dest", str(dest), "--runs",
                 "diffusion=unet_sa,diffusion_rf=rf_unet,clip=clip_hn"])
@@ -244,12 +244,18 @@ def test_exported_text_encoders_are_the_unets_clip_run_whichever_clip_ships(smok
     out, dest = smoke_runs
     from transformers import CLIPModel
 
-    # clip/ ships clip_hn; the UNets were trained on the `clip` run's text tower, and keep it.
-    trained_on = CLIPModel.from_pretrained(out / export.TEXT_ENCODER_RUN / "final").to(torch.float16)
-    for folder in ("diffusion", "diffusion_rf"):
+    # diffusion/ ships unet_sa, trained on clip_hn's text tower (--text-encoder); diffusion_rf/ ships rf_unet,
+    # trained on the default `clip` run's. Each keeps its own, whichever CLIP clip/ ships.
+    for folder, run_name in (("diffusion", "clip_hn"), ("diffusion_rf", train.TEXT_ENCODER_RUN)):
+        assert json.loads((out / ("unet_sa" if folder == "diffusion" else "rf_unet") / "meta.json").read_text()
+                          )["text_encoder"] == run_name
+        tower = CLIPModel.from_pretrained(out / run_name / "final").to(torch.float16).text_model.state_dict()
         te = load_component("diffusion", str(dest / folder)).text_encoder.state_dict()
-        tower = trained_on.text_model.state_dict()
         assert te.keys() == tower.keys() and all(torch.equal(te[k], tower[k]) for k in te), folder
+        assert f"text tower of the toy CLIP run `{run_name}`" in (dest / folder / "README.md").read_text()
+    clip_tower = CLIPModel.from_pretrained(out / "clip" / "final").text_model.state_dict()
+    hn_tower = CLIPModel.from_pretrained(out / "clip_hn" / "final").text_model.state_dict()
+    assert any(not torch.equal(clip_tower[k], hn_tower[k]) for k in clip_tower)  # the two folders really differ
     shipped = load_component("clip", str(dest / "clip")).model
     hn = CLIPModel.from_pretrained(out / "clip_hn" / "final").to(torch.float16)
     assert torch.equal(shipped.visual_projection.weight, hn.visual_projection.weight)

@@ -11,7 +11,8 @@ import torch
 from ovss.text.clip_bpe import clip_bpe_vocab, clip_tokenizer
 from ovss.toy import models as M
 from ovss.toy.scenes import make_scene, split_seeds
-from ovss.toy.train import AUX_MAX_T, CFG_DROP, CLASS_LIST_SHARE, replace_dir, text_encoder_from_clip
+from ovss.toy.train import (AUX_MAX_T, CFG_DROP, CLASS_LIST_SHARE, TEXT_ENCODER_RUN, replace_dir,
+                            text_encoder_from_clip)
 
 log = logging.getLogger("ovss.toy.export")
 
@@ -19,9 +20,6 @@ TOY_FOLDERS = {"clip": "clip", "diffusion": "unet_cl_sa_aux15", "diffusion_rf": 
                "dinov2": "dinov2", "dino": "dinov2"}
 """Exported folder -> the run it comes from (diffusion folders also take the vae run and CLIP's text tower). The
 UNets' are the last phases of resumed runs (docs/toy-world.md)."""
-#: The CLIP run whose text tower the UNets were trained on, frozen: the diffusion folders' text_encoder always
-#: comes from it, whichever CLIP run clip/ ships (the UNets would need retraining on another text tower).
-TEXT_ENCODER_RUN = "clip"
 
 
 def save_clip_tokenizer(directory: Path) -> None:
@@ -37,8 +35,8 @@ def save_clip_tokenizer(directory: Path) -> None:
 
 
 def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dtype = torch.float16) -> Path:
-    """A StableDiffusionPipeline-layout folder: the `unet_run` UNet, the vae run, CLIP's (frozen) text tower,
-    the CLIP tokenizer and SD's DDIM scheduler config."""
+    """A StableDiffusionPipeline-layout folder: the `unet_run` UNet, the vae run, the (frozen) text tower of the
+    CLIP run the UNet was trained on, the CLIP tokenizer and SD's DDIM scheduler config."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel
 
@@ -47,7 +45,7 @@ def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dt
     dest = replace_dir(dest)
     UNet2DConditionModel.from_pretrained(out / unet_run / "final", torch_dtype=dtype).save_pretrained(dest / "unet")
     AutoencoderKL.from_pretrained(out / "vae" / "final", torch_dtype=dtype).save_pretrained(dest / "vae")
-    clip = CLIPModel.from_pretrained(out / TEXT_ENCODER_RUN / "final")
+    clip = CLIPModel.from_pretrained(out / text_encoder_run(out, unet_run) / "final")
     text_encoder_from_clip(clip).to(dtype).save_pretrained(dest / "text_encoder")
     save_clip_tokenizer(dest / "tokenizer")
     M.build_scheduler().save_pretrained(dest / "scheduler")
@@ -66,7 +64,8 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
     out = Path(out)
     dest = Path(dest) if dest is not None else TOY_DIR
     runs = {**TOY_FOLDERS, **(runs or {})}
-    missing = [r for r in (*runs.values(), "vae", TEXT_ENCODER_RUN) if not (out / r / "final").exists()]
+    text_runs = [text_encoder_run(out, runs[f]) for f in ("diffusion", "diffusion_rf")]
+    missing = [r for r in (*runs.values(), "vae", *text_runs) if not (out / r / "final").exists()]
     if missing:
         raise SystemExit(f"cannot export: runs {missing} have no final/ in {out}")
     half = torch.float16
@@ -87,6 +86,11 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
         (dest / folder / "README.md").write_text(model_card(folder, out, run_name), encoding="utf-8")
     log.info("exported %s (%.1f MB)", dest, sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20)
     return dest
+
+
+def text_encoder_run(out: Path, unet_run: str) -> str:
+    """The CLIP run whose text tower a UNet run was trained on (runs from before `--text-encoder`: the default)."""
+    return _meta(out, unet_run).get("text_encoder", TEXT_ENCODER_RUN)
 
 
 def _meta(out: Path, run_name: str) -> dict:
@@ -233,7 +237,8 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
             f"- vae: AutoencoderKL 64 px -> 16x16x4 (3 levels, factor 4), L1 + L2 + 1e-4 KL; scaling_factor "
             f"{vae.get('scaling_factor')} = 1 / the measured latent std ({vae.get('latent_std_unscaled')}), "
             f"{vae.get('steps_done')} steps, {vae.get('wall_minutes')} min, final loss {vae.get('final_loss')}",
-            f"- text_encoder: the text tower of the toy CLIP run `{TEXT_ENCODER_RUN}`, copied and **frozen** (as SD "
+            f"- text_encoder: the text tower of the toy CLIP run `{text_encoder_run(out, run_name)}`, copied and "
+            "**frozen** (as SD "
             "does; a jointly trained text encoder gave no word-to-region binding in the issue's trials). A later "
             "CLIP run can ship as clip/ without touching it, as SD-1.5's text encoder and the CLIP a method scores "
             "with are different models too; tokenizer: the real CLIP BPE",

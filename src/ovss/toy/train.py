@@ -62,6 +62,10 @@ BLIP_PREFIX = "a photograph of"
 _CAPTION_PREFIXES = ("a photo of ", "a picture of ", "an image of ", "a toy scene of ")
 
 
+#: The CLIP run whose text tower conditions a UNet (frozen) unless the UNet run names another (`--text-encoder`).
+TEXT_ENCODER_RUN = "clip"
+
+
 @dataclass
 class RunConfig:
     """One training run. Defaults are the shipped models' settings; `steps` is the LR schedule's length."""
@@ -87,6 +91,7 @@ class RunConfig:
     hard_negatives: float = 0.0  # CLIP: share of texts that also bring a thing-swapped negative (NegCLIP)
     thing_phrases: float = 0.0  # CLIP: share of texts naming the things alone (no colours, no stuff)
     class_list_share: float = CLASS_LIST_SHARE  # UNets: share of class-list prompts (FA-Seg's class-only keys)
+    text_encoder: str = TEXT_ENCODER_RUN  # UNets: the CLIP run whose (frozen) text tower conditions them
 
     def __post_init__(self) -> None:
         self.name = self.name or self.kind
@@ -500,10 +505,10 @@ def _load_vae_and_text(cfg: RunConfig):
     from diffusers import AutoencoderKL
     from transformers import CLIPModel
 
-    clip_dir, vae_dir = _final(cfg, "clip"), _final(cfg, "vae")
+    clip_dir, vae_dir = _final(cfg, cfg.text_encoder), _final(cfg, "vae")
     for d, what in ((clip_dir, "clip"), (vae_dir, "vae")):
         if not d.exists():
-            raise SystemExit(f"{d} is missing: train {what} first (python -m ovss.toy.train {what})")
+            raise SystemExit(f"{d} is missing: train {what} first (python -m ovss.toy.train {what} --name {d.parent.name})")
     clip = CLIPModel.from_pretrained(clip_dir)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     return text_encoder_from_clip(clip), vae
@@ -577,7 +582,7 @@ def train_unet(cfg: RunConfig, objective: str) -> dict:
     unet.save_pretrained(final)
     meta.update(objective=objective, aux_weight=cfg.aux_weight, aux_factors=list(AUX_FACTORS), aux_max_t=AUX_MAX_T,
                 self_aux_weight=cfg.self_aux_weight, self_aux_factors=list(SELF_AUX_FACTORS),
-                cfg_drop=CFG_DROP, class_list_share=cfg.class_list_share)
+                cfg_drop=CFG_DROP, class_list_share=cfg.class_list_share, text_encoder=cfg.text_encoder)
     _write_meta(cfg, meta)
     return meta
 
@@ -698,6 +703,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="UNets: weight of the self-attention region loss (0, the default: none)")
     p.add_argument("--class-list-share", type=float,
                    help="UNets: share of prompts that are bare class lists (default 0.2)")
+    p.add_argument("--text-encoder", metavar="RUN",
+                   help=f"UNets: the CLIP run whose frozen text tower conditions the UNet (default {TEXT_ENCODER_RUN}); "
+                   "resuming under another one retrains the UNet's cross-attention to it")
     p.add_argument("--freeze-text", action="store_true",
                    help="clip: keep the text tower fixed (to train on after the UNets took it)")
     p.add_argument("--hard-negatives", type=float,
@@ -734,7 +742,8 @@ def main(argv: list[str] | None = None) -> None:
             freeze_text=a.freeze_text if kind == "clip" else None,
             hard_negatives=a.hard_negatives if kind == "clip" else None,
             thing_phrases=a.thing_phrases if kind == "clip" else None,
-            class_list_share=a.class_list_share if kind in ("unet", "rf_unet") else None)
+            class_list_share=a.class_list_share if kind in ("unet", "rf_unet") else None,
+            text_encoder=a.text_encoder if kind in ("unet", "rf_unet") else None)
     if a.what == "all":  # one phase per model at the defaults, not the shipped UNets' phases (docs/toy-world.md)
         export(a.out or ".toy_runs", a.dest, {"diffusion": "unet", "diffusion_rf": "rf_unet"})
         build_toy_bank(threads=a.threads or 1, out=a.out or ".toy_runs")
