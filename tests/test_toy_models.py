@@ -277,6 +277,29 @@ def test_probe_numbers_are_in_range(smoke_runs):
     assert all(0.0 <= v <= 100.0 for v in b.values())
 
 
+def test_probe_scores_a_runs_unet_with_the_methods_that_read_it(smoke_runs, capsys):
+    out, _ = smoke_runs
+    with pytest.raises(SystemExit):  # an rf UNet serves FA-Seg, not OVDiff
+        probe.main(["--run", "rf_unet", "--out", str(out), "--methods", "ovdiff"])
+    assert "serves faseg, not ovdiff" in capsys.readouterr().err
+    folder = out / "unet_sa" / "folder"
+    models, config = probe.run_method_setup("ovdiff", folder)
+    assert models == {"diffusion": str(folder), "dino": "toy", "clip": "toy", "sam": "toy"}
+    assert config["windows"] == (64, 48) and config["negative_prompt"] == ""  # the toy geometry, as models="toy"
+
+
+@needs_toy
+def test_probe_run_report_holds_each_methods_scores(smoke_runs):
+    out, _ = smoke_runs
+    probe.main(["--run", "unet_sa", "--out", str(out), "--methods", "diffsegmenter", "--n", "2", "--method-n", "2",
+                "--threads", "1"])
+    report = json.loads((out / "probe" / "unet_sa.json").read_text())
+    assert set(report["binding"]) == {"caption", "classes"}
+    for sense in ("toy", "toy_full"):
+        r = report["methods"][f"diffsegmenter, {sense}, given candidates"]
+        assert r["n_scenes"] == 2 and 0.0 <= r["miou"] <= 100.0 and r["baselines"]
+
+
 # -- the shipped models ------------------------------------------------------------------------------
 
 def _assert_text_towers_equal(root):

@@ -9,6 +9,7 @@ Two checks on val scenes, both next to what chance / a trivial rule gets:
   (the whole image labelled with the stuff word(s) the caption names, split at the horizon when it names two).
 
     python -m ovss.toy.probe --run unet          # a trained run in .toy_runs (before export)
+    python -m ovss.toy.probe --run unet_te --methods diffsegmenter,ovdiff   # ... scored with other methods
     python -m ovss.toy.probe --exported          # the shipped models, models="toy"
 """
 from __future__ import annotations
@@ -241,6 +242,18 @@ def _run_models(out: Path, run: str) -> tuple[Any, Path]:
     return load_component("diffusion", str(folder)), folder
 
 
+#: Methods that read a UNet run at test time (FreeDA reads a bank built from one: `train bank` first).
+RUN_METHODS = {"rf": ("faseg",), "eps": ("diffsegmenter", "ovdiff")}
+
+
+def run_method_setup(method: str, folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """(models, config) that score `method` on a UNet run's folder as on `models="toy"`: the other roles from
+    the shipped toy models, and the toy geometry (TOY_CONFIG), which a models dict does not bring by itself."""
+    from ovss.models.presets import PRESETS, TOY_CONFIG
+
+    return {**{role: "toy" for role in PRESETS[method]}, "diffusion": str(folder)}, dict(TOY_CONFIG.get(method, {}))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ovss.toy.probe", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -249,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=".toy_runs")
     p.add_argument("--n", type=int, default=100, help="val scenes for the binding probe")
     p.add_argument("--method-n", type=int, default=50, help="val scenes for the method mIoU")
-    p.add_argument("--methods", default="faseg", help="--exported: comma-separated methods to score")
+    p.add_argument("--methods", help="comma-separated methods to score (default: faseg; for --run, the methods "
+                   "that read its objective's UNet: faseg for rf, diffsegmenter,ovdiff for eps)")
     p.add_argument("--default-candidates", action="store_true",
                    help="--exported: also score each method with its own candidate stage and captions")
     p.add_argument("--ablations", action="store_true",
@@ -263,21 +277,23 @@ def main(argv: list[str] | None = None) -> None:
         from ovss.models.loading import load_component
 
         runs = {"diffusion": ("eps", "toy"), "diffusion_rf": ("rf", "toy")}
-        methods = a.methods.split(",")
+        methods = (a.methods or "faseg").split(",")
         name = "exported"
     else:
         meta = json.loads((out / a.run / "meta.json").read_text())
         runs = {a.run: (meta["objective"], None)}
-        methods = ["faseg"]
+        methods = a.methods.split(",") if a.methods else list(RUN_METHODS[meta["objective"]])
+        if wrong := [m for m in methods if m not in RUN_METHODS[meta["objective"]]]:
+            p.error(f"--run {a.run} is a {meta['objective']} UNet: it serves {', '.join(RUN_METHODS[meta['objective']])}"
+                    f", not {', '.join(wrong)}")
         name = a.run
     report: dict[str, Any] = {"run": name, "binding": {}, "faseg": {}, "methods": {}}
-    models: Any = "toy"
+    folder: Path | None = None
     for run, (objective, _) in runs.items():
         if a.exported:
             dm = load_component("diffusion", "toy", role=run)
         else:
             dm, folder = _run_models(out, run)
-            models = {"diffusion": str(folder)}
         for prompt in ("caption", "classes"):
             key = prompt if not a.exported else f"{run}, {prompt}"
             report["binding"][key] = binding_probe(dm, scenes[:a.n], objective=objective, prompt=prompt)
@@ -289,11 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         if a.exported and a.ablations:
             variants += [(f"given candidates, {label}", dict(candidates="given", config=cfg))
                          for label, cfg in ABLATIONS.get(method, {}).items()]
+        models, toy_config = run_method_setup(method, folder) if folder is not None else ("toy", {})
         for label, kw in variants:
             for sense in ("toy", "toy_full"):
                 cand = kw.get("candidates") or _default_candidates(method)
-                r = evaluate_method(method, scenes[:a.method_n], sense=sense, models=models,
-                                    candidates=cand, use_captions=kw.get("use_captions", True), **kw.get("config", {}))
+                r = evaluate_method(method, scenes[:a.method_n], sense=sense, models=models, candidates=cand,
+                                    use_captions=kw.get("use_captions", True), **{**toy_config, **kw.get("config", {})})
                 target = report["faseg"] if method == "faseg" and label == "given candidates" else report["methods"]
                 target[f"{method}, {sense}, {label}"] = r
                 print(method, sense, label, json.dumps(r), flush=True)
