@@ -246,9 +246,9 @@ def test_exported_text_encoders_are_the_unets_clip_run_whichever_clip_ships(smok
 
     # diffusion/ ships unet_sa, trained on clip_hn's text tower (--text-encoder); diffusion_rf/ ships rf_unet,
     # trained on the default `clip` run's. Each keeps its own, whichever CLIP clip/ ships.
-    for folder, run_name in (("diffusion", "clip_hn"), ("diffusion_rf", train.TEXT_ENCODER_RUN)):
-        assert json.loads((out / ("unet_sa" if folder == "diffusion" else "rf_unet") / "meta.json").read_text()
-                          )["text_encoder"] == run_name
+    for folder, unet_run, run_name in (("diffusion", "unet_sa", "clip_hn"),
+                                       ("diffusion_rf", "rf_unet", train.TEXT_ENCODER_RUN)):
+        assert json.loads((out / unet_run / "meta.json").read_text())["text_encoder"] == run_name
         tower = CLIPModel.from_pretrained(out / run_name / "final").to(torch.float16).text_model.state_dict()
         te = load_component("diffusion", str(dest / folder)).text_encoder.state_dict()
         assert te.keys() == tower.keys() and all(torch.equal(te[k], tower[k]) for k in te), folder

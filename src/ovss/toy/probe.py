@@ -282,10 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         meta = json.loads((out / a.run / "meta.json").read_text())
         runs = {a.run: (meta["objective"], None)}
-        methods = a.methods.split(",") if a.methods else list(RUN_METHODS[meta["objective"]])
-        if wrong := [m for m in methods if m not in RUN_METHODS[meta["objective"]]]:
-            p.error(f"--run {a.run} is a {meta['objective']} UNet: it serves {', '.join(RUN_METHODS[meta['objective']])}"
-                    f", not {', '.join(wrong)}")
+        serves = RUN_METHODS[meta["objective"]]
+        methods = a.methods.split(",") if a.methods else list(serves)
+        if wrong := [m for m in methods if m not in serves]:
+            p.error(f"--run {a.run} is a {meta['objective']} UNet: it serves {', '.join(serves)}, "
+                    f"not {', '.join(wrong)}")
         name = a.run
     report: dict[str, Any] = {"run": name, "binding": {}, "faseg": {}, "methods": {}}
     folder: Path | None = None

@@ -508,7 +508,8 @@ def _load_vae_and_text(cfg: RunConfig):
     clip_dir, vae_dir = _final(cfg, cfg.text_encoder), _final(cfg, "vae")
     for d, what in ((clip_dir, "clip"), (vae_dir, "vae")):
         if not d.exists():
-            raise SystemExit(f"{d} is missing: train {what} first (python -m ovss.toy.train {what} --name {d.parent.name})")
+            raise SystemExit(f"{d} is missing: train {what} first "
+                             f"(python -m ovss.toy.train {what} --name {d.parent.name})")
     clip = CLIPModel.from_pretrained(clip_dir)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     return text_encoder_from_clip(clip), vae
@@ -704,8 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--class-list-share", type=float,
                    help="UNets: share of prompts that are bare class lists (default 0.2)")
     p.add_argument("--text-encoder", metavar="RUN",
-                   help=f"UNets: the CLIP run whose frozen text tower conditions the UNet (default {TEXT_ENCODER_RUN}); "
-                   "resuming under another one retrains the UNet's cross-attention to it")
+                   help="UNets: the CLIP run whose frozen text tower conditions the UNet (default "
+                   f"{TEXT_ENCODER_RUN}); resuming under another one retrains the UNet's cross-attention to it")
     p.add_argument("--freeze-text", action="store_true",
                    help="clip: keep the text tower fixed (to train on after the UNets took it)")
     p.add_argument("--hard-negatives", type=float,
