@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--run {a.run} is a {meta['objective']} UNet: it serves {', '.join(serves)}, "
                     f"not {', '.join(wrong)}")
         name = a.run
-    report: dict[str, Any] = {"run": name, "binding": {}, "faseg": {}, "methods": {}}
+    report: dict[str, Any] = {"run": name, "binding": {}, "methods": {}}
     folder: Path | None = None
     for run, (objective, _) in runs.items():
         if a.exported:
@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                 cand = kw.get("candidates") or _default_candidates(method)
                 r = evaluate_method(method, scenes[:a.method_n], sense=sense, models=models, candidates=cand,
                                     use_captions=kw.get("use_captions", True), **{**toy_config, **kw.get("config", {})})
-                target = report["faseg"] if method == "faseg" and label == "given candidates" else report["methods"]
-                target[f"{method}, {sense}, {label}"] = r
+                report["methods"][f"{method}, {sense}, {label}"] = r
                 print(method, sense, label, json.dumps(r), flush=True)
     (out / "probe").mkdir(parents=True, exist_ok=True)
     (out / "probe" / f"{name}.json").write_text(json.dumps(report, indent=2))
