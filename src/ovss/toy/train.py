@@ -718,10 +718,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="runs folder (default .toy_runs)")
     p.add_argument("--dest", help="export: target folder (default: the package's assets/toy)")
     p.add_argument("--runs", help="export: folder=run overrides, e.g. diffusion=unet_cl,diffusion_rf=rf_unet_cl")
+    p.add_argument("--generator", metavar="RUN",
+                   help="bank: the ε UNet run whose images the bank holds, or 'exported' for the shipped "
+                   "diffusion/ (default: the shipped bank's, TOY_BANK_GENERATOR)")
     p.add_argument("--ckpt-minutes", type=float)
     p.add_argument("--log-every", type=int)
     a = p.parse_args(argv)
-    from ovss.toy.export import TOY_BANK_CAPTIONS, build_toy_bank, export  # it imports this module
+    from ovss.toy.export import TOY_BANK_CAPTIONS, TOY_BANK_GENERATOR, build_toy_bank, export  # it imports this
 
     common = dict(steps=a.steps, minutes=a.minutes, resume=a.resume or None, threads=a.threads, seed=a.seed,
                   batch=a.batch, lr=a.lr, scenes=a.scenes, out=a.out, ckpt_minutes=a.ckpt_minutes,
@@ -733,7 +736,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.what == "bank":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        build_toy_bank(a.scenes or TOY_BANK_CAPTIONS, a.dest, a.threads or 1, a.out or ".toy_runs")
+        build_toy_bank(a.scenes or TOY_BANK_CAPTIONS, a.dest, a.threads or 1, a.out or ".toy_runs",
+                       None if a.generator == "exported" else a.generator or TOY_BANK_GENERATOR)
         return
     kinds = list(TRAINERS) if a.what == "all" else [a.what]
     for kind in kinds:
