@@ -265,6 +265,47 @@ def test_exported_text_encoders_are_the_unets_clip_run_whichever_clip_ships(smok
     assert "later CLIP run can ship as clip/" in (dest / "diffusion" / "README.md").read_text()
 
 
+def test_restore_brings_exported_runs_back_to_train_on_and_export_again(smoke_runs, tmp_path):
+    """Runs restored from an export into an empty folder: the exported weights (fp32), a checkpoint at the card's
+    step per UNet, the CLIP run a diffusion folder names as its text tower alone when clip/ is another run's;
+    an export of them writes the same weights and cards, and training resumes from them with a fresh AdamW."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    _, dest = smoke_runs
+    runs = {"diffusion": "unet_sa", "diffusion_rf": "rf_unet", "clip": "clip_hn"}
+    out = tmp_path / "runs"
+    done = export.restore(out, dest, runs)
+    assert done == {"clip_hn": "clip", "blip": "blip", "dinov2": "dinov2", "vae": "diffusion/vae",
+                    "unet_sa": "diffusion/unet", "rf_unet": "diffusion_rf/unet", "clip": "diffusion_rf/text_encoder"}
+    assert AutoConfig.from_pretrained(out / "clip" / "final").model_type == "clip_text_model"
+    shipped = UNet2DConditionModel.from_pretrained(dest / "diffusion_rf" / "unet").state_dict()
+    back = UNet2DConditionModel.from_pretrained(out / "rf_unet" / "final").state_dict()
+    assert all(back[k].dtype == torch.float32 and torch.equal(back[k], shipped[k].float()) for k in shipped)
+    ckpt = torch.load(out / "rf_unet" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["opt"] is None
+    assert export.restore(out, dest, runs) == {}  # restored runs are kept, never overwritten
+
+    again = tmp_path / "again"
+    export.export(out, again, runs)
+    for f in sorted(dest.rglob("*")):
+        g = again / f.relative_to(dest)
+        if f.suffix == ".safetensors":
+            a, b = load_file(f), load_file(g)
+            tol = 1e-4 if f.parent.name == "dino" else 0.0  # dino/ is folded again from the fp16 DINOv2
+            assert a.keys() == b.keys() and all((a[k].float() - b[k].float()).abs().max() <= tol for k in a), f
+        elif f.name == "README.md":
+            assert g.read_text() == f.read_text(), f
+
+    train.main(["rf_unet", "--resume", "--steps", "3", "--scenes", "2", "--out", str(out), "--threads", "1",
+                "--text-encoder", "clip", "--log-every", "1"])
+    after = torch.load(out / "rf_unet" / "ckpt.pt", weights_only=False)
+    assert after["step"] == 3 and after["opt"] is not None and len(after["history"]) == 1
+    assert not all(torch.equal(after["model"][k], ckpt["model"][k]) for k in ckpt["model"])
+    assert json.loads((out / "rf_unet" / "meta.json").read_text())["started_at"] == 2
+
+
 def test_probe_numbers_are_in_range(smoke_runs):
     _, dest = smoke_runs
     dm = load_component("diffusion", str(dest / "diffusion"))

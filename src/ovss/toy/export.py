@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 
 from ovss.text.clip_bpe import clip_bpe_vocab, clip_tokenizer
 from ovss.toy import models as M
+from ovss.io import atomic_write
 from ovss.toy.scenes import make_scene, split_seeds
-from ovss.toy.train import (AUX_MAX_T, CFG_DROP, CLASS_LIST_SHARE, TEXT_ENCODER_RUN, replace_dir,
-                            text_encoder_from_clip)
+from ovss.toy.train import AUX_MAX_T, CFG_DROP, CLASS_LIST_SHARE, TEXT_ENCODER_RUN, load_text_tower, replace_dir
 
 log = logging.getLogger("ovss.toy.export")
 
@@ -38,15 +39,13 @@ def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dt
     """A StableDiffusionPipeline-layout folder: the `unet_run` UNet, the vae run, the (frozen) text tower of the
     CLIP run the UNet was trained on, the CLIP tokenizer and SD's DDIM scheduler config."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel
 
     from ovss.models.loading import write_model_index
 
     dest = replace_dir(dest)
     UNet2DConditionModel.from_pretrained(out / unet_run / "final", torch_dtype=dtype).save_pretrained(dest / "unet")
     AutoencoderKL.from_pretrained(out / "vae" / "final", torch_dtype=dtype).save_pretrained(dest / "vae")
-    clip = CLIPModel.from_pretrained(out / text_encoder_run(out, unet_run) / "final")
-    text_encoder_from_clip(clip).to(dtype).save_pretrained(dest / "text_encoder")
+    load_text_tower(out / text_encoder_run(out, unet_run) / "final").to(dtype).save_pretrained(dest / "text_encoder")
     save_clip_tokenizer(dest / "tokenizer")
     M.build_scheduler().save_pretrained(dest / "scheduler")
     write_model_index(dest)
@@ -86,6 +85,79 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
         (dest / folder / "README.md").write_text(model_card(folder, out, run_name), encoding="utf-8")
     log.info("exported %s (%.1f MB)", dest, sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20)
     return dest
+
+
+#: Exported diffusion folder -> the objective of its UNet run.
+DIFFUSION_OBJECTIVES = {"diffusion": "eps", "diffusion_rf": "rf"}
+#: What a diffusion folder's card (model_card) says of its UNet run: the CLIP run of its text tower, its steps, the vae.
+CARD_TEXT_RUN = re.compile(r"the text tower of the toy CLIP run `(\w+)`")
+CARD_STEPS = re.compile(r"^- steps: (\d+) \(planned", re.M)
+CARD_VAE = re.compile(r"^- vae: .*$", re.M)
+
+
+def restore(out: str | Path = ".toy_runs", src: str | Path | None = None, runs: dict[str, str] | None = None
+            ) -> dict[str, str]:
+    """The runs the shipped folders were exported from, back in `out`, so that training goes on where .toy_runs
+    is gone (a fresh clone or machine, the GPU machine): final/ in fp32 for every run TOY_FOLDERS names, the vae
+    and each UNet's text-tower CLIP run (one that did not ship whole, like clip_long, comes back as its text tower
+    alone); each UNet run also gets a ckpt.pt at the step its card names, so that `--resume` continues it.
+
+    What does not come back: the fp32 weights (the fp16 ones that ship are upcast), AdamW's state (a restored run
+    restarts it on resume), loss histories (a restored run keeps its shipped card, which export writes again
+    until the run trains on) and FreeDA's bank generator (not shipped). Existing runs are left as they are.
+    runs: folder -> run name, overriding TOY_FOLDERS as in `export`. Returns run -> the folder it came from."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import BlipForConditionalGeneration, CLIPModel, CLIPTextModel, Dinov2Model
+
+    from ovss.models.loading import TOY_DIR
+
+    out, src = Path(out), Path(src) if src is not None else TOY_DIR
+    runs = {**TOY_FOLDERS, **(runs or {})}
+    plan = {runs["clip"]: ("clip", CLIPModel), runs["blip"]: ("blip", BlipForConditionalGeneration),
+            runs["dinov2"]: ("dinov2", Dinov2Model), "vae": ("diffusion/vae", AutoencoderKL)}
+    metas: dict[str, dict] = {}
+    for folder, objective in DIFFUSION_OBJECTIVES.items():
+        card = (src / folder / "README.md").read_text(encoding="utf-8")
+        text_run, steps, vae = CARD_TEXT_RUN.search(card), CARD_STEPS.search(card), CARD_VAE.search(card)
+        if not (text_run and steps and vae):
+            raise SystemExit(f"cannot restore from {src / folder}: its README.md does not say its text tower's "
+                             "CLIP run, its UNet's steps and its vae (was it written by `train export`?)")
+        metas[runs[folder]] = {"objective": objective, "text_encoder": text_run.group(1),
+                               "steps_done": int(steps.group(1))}
+        metas["vae"] = {"card_line": vae.group(0)}
+        plan[runs[folder]] = (f"{folder}/unet", UNet2DConditionModel)
+        if text_run.group(1) == runs["clip"]:
+            _check_same_tower(src / "clip", src / folder / "text_encoder")
+        plan.setdefault(text_run.group(1), (f"{folder}/text_encoder", CLIPTextModel))
+    for folder, run in runs.items():  # dino/ and dinov2/ come from one run, with a card each
+        metas.setdefault(run, {}).setdefault("cards", {})[folder] = (src / folder / "README.md").read_text("utf-8")
+    done = {}
+    for run, (where, cls) in plan.items():
+        if (out / run / "final").exists():
+            log.info("restore: %s already has a final/, kept", out / run)
+            continue
+        model = cls.from_pretrained(src / where, torch_dtype=torch.float32)
+        model.save_pretrained(replace_dir(out / run / "final"))
+        meta = {"name": run, "restored_from": where, **metas.get(run, {})}
+        if "steps_done" in meta:  # a UNet run: a checkpoint to resume from, without optimizer state
+            state = {"model": model.state_dict(), "opt": None, "step": meta["steps_done"], "elapsed": 0.0,
+                     "history": [], "config": {"restored_from": where}}
+            atomic_write(out / run / "ckpt.pt", lambda f: torch.save(state, f), durable=True)
+        (out / run / "meta.json").write_text(json.dumps(meta, indent=2))
+        done[run] = where
+        log.info("restore: %s <- %s", out / run, src / where)
+    return done
+
+
+def _check_same_tower(clip_dir: Path, text_dir: Path) -> None:
+    """A diffusion folder whose card names clip/'s run must hold clip/'s text tower (else the names are wrong)."""
+    from transformers import CLIPModel, CLIPTextModel
+
+    tower = CLIPModel.from_pretrained(clip_dir).text_model.state_dict()
+    te = CLIPTextModel.from_pretrained(text_dir).state_dict()
+    if tower.keys() != te.keys() or not all(torch.equal(tower[k], te[k]) for k in tower):
+        raise SystemExit(f"cannot restore: {text_dir}'s card names clip/'s run, but it holds another text tower "
+                         "(pass the runs the folders came from: --runs)")
 
 
 def text_encoder_run(out: Path, unet_run: str) -> str:
@@ -137,6 +209,9 @@ _RETRAIN = "Reproduce: `python -m ovss.toy.train {what}` then `python -m ovss.to
 
 def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
     """README.md of an exported toy folder: what it is, how it was trained, what it is for, what it checks."""
+    restored = _meta(out, run_name or TOY_FOLDERS[folder]).get("cards", {})
+    if folder in restored:  # a restored run that has not trained on: its record is the card it shipped with
+        return restored[folder]
     head = "---\nlibrary_name: {lib}\nlicense: apache-2.0\ntags: [ovss, toy-world]\n---\n\n"
     if folder == "clip":
         m = _meta(out, run_name or "clip")
@@ -235,6 +310,7 @@ def model_card(folder: str, out: Path, run_name: str | None = None) -> str:
             "3 CrossAttnDownBlock2D + DownBlock2D, mirrored up, cross-attention mid block: cross and self "
             "attention at factors 1/2/4/8 (grids 16/8/4/2) like SD-1.5's 64/32/16/8; 4 heads, "
             "cross_attention_dim 64",
+            vae.get("card_line") or
             f"- vae: AutoencoderKL 64 px -> 16x16x4 (3 levels, factor 4), L1 + L2 + 1e-4 KL; scaling_factor "
             f"{vae.get('scaling_factor')} = 1 / the measured latent std ({vae.get('latent_std_unscaled')}), "
             f"{vae.get('steps_done')} steps, {vae.get('wall_minutes')} min, final loss {vae.get('final_loss')}",

@@ -1,14 +1,15 @@
 """Train the toy world's models on this CPU (or a GPU when there is one), resumably, and export them.
 
-    python -m ovss.toy.train {clip,vae,unet,rf_unet,blip,dinov2,export,bank,all} [--steps N] [--minutes M] [--resume]
-                             [--threads T] [--seed S]
+    python -m ovss.toy.train {clip,vae,unet,rf_unet,blip,dinov2,export,restore,bank,all} [--steps N] [--minutes M]
+                             [--resume] [--threads T] [--seed S]
 
 Order matters: CLIP first (its text tower, frozen, conditions both UNets, as in Stable Diffusion: a text
 encoder trained jointly with the UNet gave no word-to-region binding in the issue's trials), the VAE before the
 UNets (they train on its latents); BLIP is independent. Each run lives in `<out>/<name>/`: `log.txt`,
 `ckpt.pt` (every few minutes; `--resume` continues from it), `final/` (fp32, save_pretrained) and
 `meta.json` (steps, wall time, final loss). Everything random is a function of `--seed` and the step index,
-so a resumed run draws the same batches as an uninterrupted one.
+so a resumed run draws the same batches as an uninterrupted one. `restore` brings the shipped runs back from the
+package's folders (fp32, a checkpoint per UNet) where `<out>` is gone, so that training goes on from them.
 
 Label maps never train CLIP or BLIP. The UNets may use them through the auxiliary attention loss
 (`--aux-weight`; 0 disables it): -log of the share of each class word's cross-attention mass that falls
@@ -298,7 +299,10 @@ def train_loop(cfg: RunConfig, module: torch.nn.Module, step_fn: Callable[[int],
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         module.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        if state["opt"] is not None:
+            opt.load_state_dict(state["opt"])
+        else:  # a run restored from the shipped weights (`train restore`): they hold no optimizer state
+            log.info("%s: the checkpoint holds no optimizer state (a restored run): AdamW starts afresh", cfg.name)
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         log.info("resumed %s at step %d (%.1f min trained)", cfg.name, step, elapsed / 60)
 
@@ -479,6 +483,16 @@ def text_encoder_from_clip(clip) -> torch.nn.Module:
     return te.eval().requires_grad_(False)
 
 
+def load_text_tower(final: Path) -> torch.nn.Module:
+    """The frozen text tower in a CLIP run's final/: a CLIPModel's text side, or the CLIPTextModel itself for a
+    run restored from a diffusion folder (which ships the tower alone: `train restore`)."""
+    from transformers import AutoConfig, CLIPModel, CLIPTextModel
+
+    if AutoConfig.from_pretrained(final).model_type == "clip_text_model":
+        return CLIPTextModel.from_pretrained(final).eval().requires_grad_(False)
+    return text_encoder_from_clip(CLIPModel.from_pretrained(final))
+
+
 @torch.no_grad()
 def latent_bank(cfg: RunConfig, bank: SceneBank, vae) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every bank scene and of its mirror image: (N, 2, 4, 16, 16) each."""
@@ -503,16 +517,15 @@ def latent_bank(cfg: RunConfig, bank: SceneBank, vae) -> tuple[torch.Tensor, tor
 
 def _load_vae_and_text(cfg: RunConfig):
     from diffusers import AutoencoderKL
-    from transformers import CLIPModel
 
     clip_dir, vae_dir = _final(cfg, cfg.text_encoder), _final(cfg, "vae")
     for d, what in ((clip_dir, "clip"), (vae_dir, "vae")):
         if not d.exists():
             raise SystemExit(f"{d} is missing: train {what} first "
-                             f"(python -m ovss.toy.train {what} --name {d.parent.name})")
-    clip = CLIPModel.from_pretrained(clip_dir)
+                             f"(python -m ovss.toy.train {what} --name {d.parent.name}), or restore the shipped "
+                             "runs (python -m ovss.toy.train restore)")
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
-    return text_encoder_from_clip(clip), vae
+    return load_text_tower(clip_dir), vae
 
 
 def train_unet(cfg: RunConfig, objective: str) -> dict:
@@ -690,7 +703,7 @@ def run(kind: str, **overrides) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ovss.toy.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=[*TRAINERS, "export", "bank", "all"])
+    p.add_argument("what", choices=[*TRAINERS, "export", "restore", "bank", "all"])
     p.add_argument("--steps", type=int)
     p.add_argument("--minutes", type=float)
     p.add_argument("--resume", action="store_true")
@@ -716,23 +729,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="clip: share of texts naming only the scene's things, no colours or stuff (default 0)")
     p.add_argument("--name", help="run name (folder under --out); default: the kind")
     p.add_argument("--out", help="runs folder (default .toy_runs)")
-    p.add_argument("--dest", help="export: target folder (default: the package's assets/toy)")
-    p.add_argument("--runs", help="export: folder=run overrides, e.g. diffusion=unet_cl,diffusion_rf=rf_unet_cl")
+    p.add_argument("--dest", help="export: target folder; restore: the folder to restore from (default: the "
+                   "package's assets/toy)")
+    p.add_argument("--runs", help="export, restore: folder=run overrides, e.g. "
+                   "diffusion=unet_cl,diffusion_rf=rf_unet_cl")
     p.add_argument("--generator", metavar="RUN",
                    help="bank: the ε UNet run whose images the bank holds, or 'exported' for the shipped "
                    "diffusion/ (default: the shipped bank's, TOY_BANK_GENERATOR)")
     p.add_argument("--ckpt-minutes", type=float)
     p.add_argument("--log-every", type=int)
     a = p.parse_args(argv)
-    from ovss.toy.export import TOY_BANK_CAPTIONS, TOY_BANK_GENERATOR, build_toy_bank, export  # it imports this
+    from ovss.toy.export import TOY_BANK_CAPTIONS, TOY_BANK_GENERATOR, build_toy_bank, export, restore  # it imports this
 
     common = dict(steps=a.steps, minutes=a.minutes, resume=a.resume or None, threads=a.threads, seed=a.seed,
                   batch=a.batch, lr=a.lr, scenes=a.scenes, out=a.out, ckpt_minutes=a.ckpt_minutes,
                   log_every=a.log_every)
-    if a.what == "export":
+    if a.what in ("export", "restore"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         runs = dict(item.split("=", 1) for item in a.runs.split(",")) if a.runs else None
-        export(a.out or ".toy_runs", a.dest, runs)
+        (export if a.what == "export" else restore)(a.out or ".toy_runs", a.dest, runs)
         return
     if a.what == "bank":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
