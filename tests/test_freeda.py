@@ -17,8 +17,8 @@ from ovss.banks.index import build_index
 from ovss.cli import main
 from ovss.dense.superpixels import (FELZENSZWALB_PRESETS, axis_weights, pool_regions, region_weights,
                                     superpixels)
-from ovss.methods.freeda import (FREEDA_TEMPLATES, aggregate_scores, class_embeddings, clip_text_raw, mix_scores,
-                                 region_local_scores)
+from ovss.methods.freeda import (BETA, FREEDA_TEMPLATES, OPENAI_CLIP_LOGIT_SCALE, aggregate_scores, class_embeddings,
+                                 clip_text_raw, mix_scores, region_local_scores, temperature_matched_beta)
 
 pytest.importorskip("faiss")
 
@@ -189,6 +189,21 @@ def test_mix_is_beta_local_plus_one_minus_beta_global():
     local = torch.rand(3, 4, 5)
     g = torch.tensor([0.1, -0.2, 0.3])
     assert torch.allclose(mix_scores(local, g, 0.8), 0.8 * local + 0.2 * g[:, None, None])
+
+
+def test_temperature_matched_beta_labels_as_the_papers_beta_on_cosines_at_openais_temperature():
+    """β' on a CLIP of logit scale s decides every pixel as β = 0.8 does on its cosines scaled by s / 100 (what
+    the same confidences give at OpenAI CLIP's temperature); at scale 100 it is β itself."""
+    assert temperature_matched_beta(OPENAI_CLIP_LOGIT_SCALE) == pytest.approx(BETA)
+    gen = torch.Generator().manual_seed(0)
+    local = torch.sigmoid(torch.randn(5, 16, 16, generator=gen))
+    g = torch.randn(5, generator=gen) * 0.3
+    for scale in (18.0, 50.0, 100.0):
+        ours = mix_scores(local, g, temperature_matched_beta(scale)).argmax(0)
+        assert torch.equal(ours, mix_scores(local, g * scale / OPENAI_CLIP_LOGIT_SCALE, BETA).argmax(0))
+    unmatched = mix_scores(local, g, BETA).argmax(0)  # the paper's β on the wider cosines: CLIP decides more
+    assert not torch.equal(unmatched, mix_scores(local, g, temperature_matched_beta(18.0)).argmax(0))
+    assert temperature_matched_beta(18.0) > temperature_matched_beta(50.0) > BETA
 
 
 def test_beta_one_ignores_clip_and_beta_zero_is_constant_over_the_crop(method):

@@ -140,6 +140,22 @@ def mix_scores(local: torch.Tensor, global_: torch.Tensor, beta: float = BETA) -
     return beta * local + (1 - beta) * global_.view(-1, 1, 1).to(local)
 
 
+#: OpenAI CLIP's learned logit scale (it trained into its clamp, 100): the CLIP that BETA was set with.
+OPENAI_CLIP_LOGIT_SCALE = 100.0
+
+
+def temperature_matched_beta(logit_scale: float, beta: float = BETA,
+                             reference: float = OPENAI_CLIP_LOGIT_SCALE) -> float:
+    """β for a CLIP of another temperature that keeps Eq. 5's balance between the local and the global term.
+
+    The global term is a raw cosine, and how far apart a CLIP's class cosines lie for the same confidence goes as
+    1 / its logit scale (softmax over scale·cos): a CLIP with scale 18 spreads them 5.5x wider than OpenAI's, so
+    at the paper's β its global term outweighs the local one. Scaling the global weight's odds (1 − β) / β by
+    logit_scale / reference puts the two terms back in the paper's proportion."""
+    odds = (1 - beta) / beta * logit_scale / reference
+    return 1 / (1 + odds)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------------

@@ -51,15 +51,21 @@ TOY_PRESETS: dict[str, dict[str, str]] = {
 #: where SD-1.5 has 3) and point FreeDA at the shipped toy bank. OVDiff's negative prompt ("text, low quality,
 #: blurry, cartoon, ...") is made of words the toy text tower never saw, so here it is not "low quality" but
 #: untrained embeddings, and guiding away from them left the toy UNet's support images without a single thing
-#: (docs/toy-world.md); its toy counterpart is the empty prompt. Options the caller passes win. FA-Seg and
-#: DiffSegmenter need none: they already work at the diffusion model's native size.
+#: (docs/toy-world.md); its toy counterpart is the empty prompt. FreeDA's β = 0.8 was set with OpenAI's CLIP
+#: (logit scale 100); the toy CLIP's is 18.04, so its raw cosines, FreeDA's global term, spread 5.5x wider and
+#: outweighed the local term (74 % of thing pixels went to a stuff class): the toy β is the temperature-matched
+#: one (`freeda.temperature_matched_beta`, 0.957; tested against clip/'s weights), and FreeDA's background
+#: threshold, which the paper leaves to calibrate, was calibrated on val scenes 50-79 (not the reported ones).
+#: Options the caller passes win. FA-Seg and DiffSegmenter need none: they already work at the diffusion model's
+#: native size.
 TOY_CONFIG: dict[str, dict[str, object]] = {
     "ovdiff": {"short_side": 64, "windows": (64, 48), "stride": 32, "clip_window_size": 64, "dino_max_side": 64,
                "dino_long_cap": 114, "negative_prompt": "",
                "sd_layers": ("down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0",
                              "up_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
                              "up_blocks.3.attentions.1")},
-    "freeda": {"bank": str(TOY_DIR / "freeda_bank"), "short_side": 64, "crop": 64, "stride": 32, "dino_size": 64},
+    "freeda": {"bank": str(TOY_DIR / "freeda_bank"), "short_side": 64, "crop": 64, "stride": 32, "dino_size": 64,
+               "beta": 0.957, "bg_threshold": 0.475},
 }
 
 #: Kinds the papers run in float32 whatever the diffusion dtype (TagCLIP, BLIP, OVDiff's and FreeDA's
