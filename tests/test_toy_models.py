@@ -296,6 +296,11 @@ def test_restore_brings_exported_runs_back_to_train_on_and_export_again(smoke_ru
             assert a.keys() == b.keys() and all((a[k].float() - b[k].float()).abs().max() <= tol for k in a), f
         elif f.name == "README.md":
             assert g.read_text() == f.read_text(), f
+    only = export.export(out, tmp_path / "only", runs, folders=["diffusion"])  # one continued run ships alone
+    assert [d.name for d in only.iterdir()] == ["diffusion"]
+    assert all(f.read_bytes() == (again / f.relative_to(only)).read_bytes() for f in only.rglob("*") if f.is_file())
+    with pytest.raises(SystemExit, match="no toy folder"):
+        export.export(out, tmp_path / "only", runs, folders=["difusion"])
 
     train.main(["rf_unet", "--resume", "--steps", "3", "--scenes", "2", "--out", str(out), "--threads", "1",
                 "--text-encoder", "clip", "--log-every", "1"])

@@ -52,10 +52,14 @@ def write_diffusion_folder(out: Path, unet_run: str, dest: Path, dtype: torch.dt
     return dest
 
 
-def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: dict[str, str] | None = None) -> Path:
-    """Write clip/, diffusion/, diffusion_rf/ and blip/ in the hub layout, fp16 safetensors, with model cards.
+def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: dict[str, str] | None = None,
+           folders: list[str] | None = None) -> Path:
+    """Write clip/, diffusion/, diffusion_rf/, blip/, dinov2/ and dino/ in the hub layout, fp16 safetensors, with
+    model cards.
 
-    runs: folder -> run name, overriding TOY_FOLDERS (e.g. {"diffusion": "unet_cl"} ships a continued run)."""
+    runs: folder -> run name, overriding TOY_FOLDERS (e.g. {"diffusion": "unet_cl"} ships a continued run).
+    folders: the folders to write (default: all); the others are left as they are, so that shipping one continued
+    run rewrites its folder only."""
     from transformers import BlipForConditionalGeneration, CLIPModel, Dinov2Model
 
     from ovss.models.loading import TOY_DIR
@@ -63,27 +67,37 @@ def export(out: str | Path = ".toy_runs", dest: str | Path | None = None, runs: 
     out = Path(out)
     dest = Path(dest) if dest is not None else TOY_DIR
     runs = {**TOY_FOLDERS, **(runs or {})}
-    text_runs = [text_encoder_run(out, runs[f]) for f in ("diffusion", "diffusion_rf")]
-    missing = [r for r in (*runs.values(), "vae", *text_runs) if not (out / r / "final").exists()]
-    if missing:
+    folders = list(runs) if folders is None else list(folders)
+    if unknown := [f for f in folders if f not in runs]:
+        raise SystemExit(f"cannot export: no toy folder {unknown}; the folders are {', '.join(runs)}")
+    diffusion = [f for f in folders if f in DIFFUSION_OBJECTIVES]
+    needed = [runs[f] for f in folders] + (["vae"] if diffusion else []) + [text_encoder_run(out, runs[f])
+                                                                          for f in diffusion]
+    if missing := [r for r in needed if not (out / r / "final").exists()]:
         raise SystemExit(f"cannot export: runs {missing} have no final/ in {out}")
     half = torch.float16
-    clip_dir = replace_dir(dest / "clip")
-    CLIPModel.from_pretrained(out / runs["clip"] / "final").to(half).save_pretrained(clip_dir)
-    save_clip_tokenizer(clip_dir)
-    M.clip_image_processor().save_pretrained(clip_dir)
-    write_diffusion_folder(out, runs["diffusion"], dest / "diffusion")
-    write_diffusion_folder(out, runs["diffusion_rf"], dest / "diffusion_rf")
-    blip_dir = replace_dir(dest / "blip")
-    BlipForConditionalGeneration.from_pretrained(out / runs["blip"] / "final").to(half).save_pretrained(blip_dir)
-    M.blip_processor().save_pretrained(blip_dir)
-    dinov2 = Dinov2Model.from_pretrained(out / runs["dinov2"] / "final")
-    dino = dinov2 if runs["dino"] == runs["dinov2"] else Dinov2Model.from_pretrained(out / runs["dino"] / "final")
-    M.dinov2_to_vit(dino).to(half).save_pretrained(replace_dir(dest / "dino"))  # before .to(half) changes dinov2
-    dinov2.to(half).save_pretrained(replace_dir(dest / "dinov2"))
-    for folder, run_name in runs.items():
-        (dest / folder / "README.md").write_text(model_card(folder, out, run_name), encoding="utf-8")
-    log.info("exported %s (%.1f MB)", dest, sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20)
+
+    def clip(d: Path) -> None:
+        CLIPModel.from_pretrained(out / runs["clip"] / "final").to(half).save_pretrained(d)
+        save_clip_tokenizer(d)
+        M.clip_image_processor().save_pretrained(d)
+
+    def blip(d: Path) -> None:
+        BlipForConditionalGeneration.from_pretrained(out / runs["blip"] / "final").to(half).save_pretrained(d)
+        M.blip_processor().save_pretrained(d)
+
+    writers = {"clip": clip, "blip": blip,
+               "diffusion": lambda d: write_diffusion_folder(out, runs["diffusion"], d),
+               "diffusion_rf": lambda d: write_diffusion_folder(out, runs["diffusion_rf"], d),
+               "dinov2": lambda d: Dinov2Model.from_pretrained(out / runs["dinov2"] / "final").to(half)
+               .save_pretrained(d),
+               "dino": lambda d: M.dinov2_to_vit(Dinov2Model.from_pretrained(out / runs["dino"] / "final")).to(half)
+               .save_pretrained(d)}  # folded in fp32, then halved
+    for folder in folders:
+        writers[folder](replace_dir(dest / folder))
+        (dest / folder / "README.md").write_text(model_card(folder, out, runs[folder]), encoding="utf-8")
+    log.info("exported %s to %s (%.1f MB in all)", ", ".join(folders), dest,
+             sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20)
     return dest
 
 

@@ -733,6 +733,7 @@ def main(argv: list[str] | None = None) -> None:
                    "package's assets/toy)")
     p.add_argument("--runs", help="export, restore: folder=run overrides, e.g. "
                    "diffusion=unet_cl,diffusion_rf=rf_unet_cl")
+    p.add_argument("--folders", help="export: only these folders, e.g. diffusion (default: all of them)")
     p.add_argument("--generator", metavar="RUN",
                    help="bank: the ε UNet run whose images the bank holds, or 'exported' for the shipped "
                    "diffusion/ (default: the shipped bank's, TOY_BANK_GENERATOR)")
@@ -747,7 +748,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.what in ("export", "restore"):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         runs = dict(item.split("=", 1) for item in a.runs.split(",")) if a.runs else None
-        (export if a.what == "export" else restore)(a.out or ".toy_runs", a.dest, runs)
+        if a.what == "export":
+            export(a.out or ".toy_runs", a.dest, runs, a.folders.split(",") if a.folders else None)
+        else:
+            restore(a.out or ".toy_runs", a.dest, runs)
         return
     if a.what == "bank":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
