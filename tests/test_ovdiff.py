@@ -278,7 +278,8 @@ def test_sd_features_seeded_and_layered(method):
     widths = [dm.unet.get_submodule(f"{n}.transformer_blocks.0.attn2.to_q").out_features for n in od.SD_LAYERS]
     assert a.shape == (2, sum(widths), 8, 8)
     one = unet_queries(dm, x[1:], **SD)
-    assert torch.allclose(one[0], a[1], rtol=1e-4, atol=1e-4)  # per-image seed: order- and batch-independent
+    # per-image seed: order- and batch-independent (up to float summation order: 2.6e-4 on queries of size ~12)
+    assert torch.allclose(one[0], a[1], rtol=1e-4, atol=1e-3)
     assert not torch.allclose(unet_queries(dm, x, **{**SD, "noise_seed": 44}), a, atol=1e-4)
     with pytest.raises(ValueError):
         unet_queries(dm, x, **{**SD, "layers": ("down_blocks.3.attentions.0",)})

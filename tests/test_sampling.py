@@ -55,10 +55,11 @@ def test_batch_composition_does_not_change_an_image(dm):
     together = sample(dm, ["a cat", "a dog", "a tree"], seeds=[1, 2, 3], **kw)
     alone = sample(dm, ["a dog"], seeds=[2], **kw)
     micro = sample(dm, ["a cat", "a dog", "a tree"], seeds=[1, 2, 3], batch_size=2, **kw)
+    # another batch only reorders float sums: attention probabilities (up to 0.28 here) move by 1.4e-5 at most
     assert torch.allclose(together.images[1], alone.images[0], atol=1e-4)
-    assert torch.allclose(together.cross[1], alone.cross[0], atol=1e-5)
+    assert torch.allclose(together.cross[1], alone.cross[0], atol=5e-5)
     assert torch.allclose(micro.images, together.images, atol=1e-4)
-    assert torch.allclose(torch.stack(micro.cross), torch.stack(together.cross), atol=1e-5)
+    assert torch.allclose(torch.stack(micro.cross), torch.stack(together.cross), atol=5e-5)
 
 
 def test_seeds_equal_explicit_seeded_latents(dm):
