@@ -17,7 +17,7 @@ from ovss.toy.train import AUX_MAX_T, CFG_DROP, CLASS_LIST_SHARE, TEXT_ENCODER_R
 
 log = logging.getLogger("ovss.toy.export")
 
-TOY_FOLDERS = {"clip": "clip", "diffusion": "unet_te2", "diffusion_rf": "rf_unet_cl_sa_aux15", "blip": "blip",
+TOY_FOLDERS = {"clip": "clip", "diffusion": "unet_te2", "diffusion_rf": "rf_te_sa2", "blip": "blip",
                "dinov2": "dinov2", "dino": "dinov2"}
 """Exported folder -> the run it comes from (diffusion folders also take the vae run and CLIP's text tower). The
 UNets' are the last phases of resumed runs (docs/toy-world.md)."""
