@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ovss.io import atomic_write
 from ovss.text.clip_bpe import clip_bpe_vocab, clip_tokenizer
 from ovss.toy import models as M
-from ovss.io import atomic_write
 from ovss.toy.scenes import make_scene, split_seeds
 from ovss.toy.train import AUX_MAX_T, CFG_DROP, CLASS_LIST_SHARE, TEXT_ENCODER_RUN, load_text_tower, replace_dir
 
@@ -129,22 +129,22 @@ def restore(out: str | Path = ".toy_runs", src: str | Path | None = None, runs: 
     runs = {**TOY_FOLDERS, **(runs or {})}
     plan = {runs["clip"]: ("clip", CLIPModel), runs["blip"]: ("blip", BlipForConditionalGeneration),
             runs["dinov2"]: ("dinov2", Dinov2Model), "vae": ("diffusion/vae", AutoencoderKL)}
+    cards = {folder: (src / folder / "README.md").read_text(encoding="utf-8") for folder in runs}
     metas: dict[str, dict] = {}
     for folder, objective in DIFFUSION_OBJECTIVES.items():
-        card = (src / folder / "README.md").read_text(encoding="utf-8")
-        text_run, steps, vae = CARD_TEXT_RUN.search(card), CARD_STEPS.search(card), CARD_VAE.search(card)
+        text_run, steps, vae = (r.search(cards[folder]) for r in (CARD_TEXT_RUN, CARD_STEPS, CARD_VAE))
         if not (text_run and steps and vae):
             raise SystemExit(f"cannot restore from {src / folder}: its README.md does not say its text tower's "
                              "CLIP run, its UNet's steps and its vae (was it written by `train export`?)")
         metas[runs[folder]] = {"objective": objective, "text_encoder": text_run.group(1),
                                "steps_done": int(steps.group(1))}
-        metas["vae"] = {"card_line": vae.group(0)}
         plan[runs[folder]] = (f"{folder}/unet", UNet2DConditionModel)
         if text_run.group(1) == runs["clip"]:
             _check_same_tower(src / "clip", src / folder / "text_encoder")
         plan.setdefault(text_run.group(1), (f"{folder}/text_encoder", CLIPTextModel))
+    metas["vae"] = {"card_line": CARD_VAE.search(cards["diffusion"]).group(0)}  # the vae restored is diffusion/'s
     for folder, run in runs.items():  # dino/ and dinov2/ come from one run, with a card each
-        metas.setdefault(run, {}).setdefault("cards", {})[folder] = (src / folder / "README.md").read_text("utf-8")
+        metas.setdefault(run, {}).setdefault("cards", {})[folder] = cards[folder]
     done = {}
     for run, (where, cls) in plan.items():
         if (out / run / "final").exists():
@@ -165,10 +165,7 @@ def restore(out: str | Path = ".toy_runs", src: str | Path | None = None, runs: 
 
 def _check_same_tower(clip_dir: Path, text_dir: Path) -> None:
     """A diffusion folder whose card names clip/'s run must hold clip/'s text tower (else the names are wrong)."""
-    from transformers import CLIPModel, CLIPTextModel
-
-    tower = CLIPModel.from_pretrained(clip_dir).text_model.state_dict()
-    te = CLIPTextModel.from_pretrained(text_dir).state_dict()
+    tower, te = load_text_tower(clip_dir).state_dict(), load_text_tower(text_dir).state_dict()
     if tower.keys() != te.keys() or not all(torch.equal(tower[k], te[k]) for k in tower):
         raise SystemExit(f"cannot restore: {text_dir}'s card names clip/'s run, but it holds another text tower "
                          "(pass the runs the folders came from: --runs)")
