@@ -349,6 +349,21 @@ def test_probe_run_report_holds_each_methods_scores(smoke_runs):
 
 
 @needs_toy
+def test_probe_method_skip_scores_later_scenes_in_a_report_of_their_own(smoke_runs):
+    """--method-skip scores the methods past the reported scenes (a check on scenes no preset was calibrated on)
+    and writes beside the report the model cards read, not over it."""
+    out, _ = smoke_runs
+    probe.main(["--run", "unet_sa", "--out", str(out), "--methods", "diffsegmenter", "--n", "2", "--method-n", "2",
+                "--method-skip", "3", "--threads", "1"])
+    report = json.loads((out / "probe" / "unet_sa_val3-4.json").read_text())
+    assert report["method_scenes"] == [3, 5]
+    scenes = list(iter_scenes("val", 5))
+    r = report["methods"]["diffsegmenter, toy_full, given candidates"]
+    assert r["n_scenes"] == 2
+    assert r["baselines"] == probe.baselines(scenes[3:5], "toy_full") != probe.baselines(scenes[:2], "toy_full")
+
+
+@needs_toy
 def test_toy_bank_is_generated_by_the_chosen_unet_run_and_a_changed_build_starts_afresh(smoke_runs, tmp_path):
     from ovss.banks.bank import Bank
 
