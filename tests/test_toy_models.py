@@ -124,6 +124,33 @@ def test_peak_hits_counts_a_peak_inside_the_region_and_misses_outside_or_flat():
     assert r["things_chance"] == pytest.approx(inside.mean())
 
 
+def test_peak_hits_says_where_thing_peaks_land_and_breaks_them_down_by_company():
+    shared = next(s for s in (make_scene(1_000_000 + k, 64) for k in range(50))
+                  if sum(t in TOY_THINGS for t in s.tags) >= 2)
+    alone = next(s for s in (make_scene(1_000_000 + k, 64) for k in range(50))
+                 if sum(t in TOY_THINGS for t in s.tags) == 1)
+    a, b = [t for t in shared.tags if t in TOY_THINGS][:2]
+    stuff = next(t for t in shared.tags if t in TOY_STUFF)
+    solo = next(t for t in alone.tags if t in TOY_THINGS)
+
+    def region(scene, name):
+        return (scene.labels_full == TOY_CLASSES.index(name)).astype(np.float32)
+
+    pairs = [(shared, a, region(shared, b)), (shared, b, region(shared, stuff)), (shared, b, region(shared, b)),
+             (alone, solo, region(alone, solo))]
+    r = probe.peak_hits(pairs)
+    assert r["things_in_another_thing"] == pytest.approx(1 / 4) and r["things_in_stuff"] == pytest.approx(1 / 4)
+    assert (r["things_alone"], r["n_things_alone"]) == (1.0, 1)
+    assert r["things_beside_others"] == pytest.approx(1 / 3) and r["n_things_beside_others"] == 3
+    r = probe.peak_hits(pairs, rivals=[(b, a)])  # rivalry goes both ways: a beside b, b beside a
+    assert r["things_beside_a_rival"] == pytest.approx(1 / 3) and r["n_things_beside_a_rival"] == 3
+    assert "things_beside_others" not in r and "things_beside_others_only" not in r
+    absent = next(t for t in TOY_THINGS if t not in shared.tags)
+    r = probe.peak_hits(pairs, rivals=[(a, absent)])  # a rival that is not in the scene is no rival there
+    assert r["things_beside_others_only"] == pytest.approx(1 / 3) and r["n_things_beside_others_only"] == 3
+    assert "things_beside_a_rival" not in r and r["things_alone"] == 1.0
+
+
 def test_hard_negatives_swap_one_thing_for_an_absent_one_in_the_same_number():
     rng = np.random.default_rng(0)
     text = "two brown triangles and a red ball, on the grass"
@@ -346,6 +373,15 @@ def test_probe_run_report_holds_each_methods_scores(smoke_runs):
         assert r["n_scenes"] == 2 and 0.0 <= r["miou"] <= 100.0 and r["baselines"]
         assert f"- mIoU (diffsegmenter, {sense}, given candidates): {r['miou']:.1f}" in export.model_card(
             "diffusion", out, "unet_sa")  # the card of the folder the run ships as reports them
+
+
+@needs_toy
+def test_rival_things_are_the_thing_words_the_shipped_text_tower_can_hardly_tell_apart():
+    dm = load_component("diffusion", "toy", role="diffusion")
+    rivals = probe.rival_things(dm)
+    assert ("star", "triangle") in rivals and 0 < len(rivals) < 21  # measured: star / triangle at cosine 1.000
+    assert set(rivals) <= set(probe.rival_things(dm, threshold=0.9))
+    assert probe.rival_things(dm, threshold=1.01) == [] and len(probe.rival_things(dm, threshold=-1.0)) == 21
 
 
 @needs_toy
