@@ -52,7 +52,7 @@ SENSES = {"toy": TOY_THINGS_WITH_BG, "toy_full": TOY_CLASSES}
 """toy: background (= all stuff) + things, background scored; toy_full: stuff + things, no background."""
 #: Two thing words are *rivals* when a text tower can hardly tell them apart: their class-list prompts
 #: ("sky, grass, ⟨thing⟩", the form of FA-Seg's class-only keys) give states (up to the end token) of at least this
-#: cosine. In the shipped tower six pairs are, star / triangle at 1.000; a thing beside its rival is where the
+#: cosine. The shipped tower has six such pairs, star / triangle at 1.000; a thing beside its rival is where the
 #: methods' peaks miss most (docs/toy-world.md).
 RIVAL_COSINE = 0.98
 RIVAL_CONTEXT = ("sky", "grass")
