@@ -469,7 +469,7 @@ def test_shipped_text_encoders_are_the_clip_towers_their_cards_name():
 #: mIoU over the caption prior (toy_full, given candidates) that each method must clear on 8 val scenes. Measured
 #: on these 8 scenes: FA-Seg +29.3, DiffSegmenter +21.5, FreeDA +5.0 (+2.1 at the paper's β, not matched to the
 #: toy CLIP's temperature), OVDiff (8 support images) +8.1; on 50 scenes (docs/toy-world.md) +29.7 / +16.2 /
-#: +10.5 / +10.4. FA-Seg and DiffSegmenter must stay far above the prior (a shuffled token or a wrong layer falls
+#: +10.5 / +10.2. FA-Seg and DiffSegmenter must stay far above the prior (a shuffled token or a wrong layer falls
 #: to it); the toy models are weak on shapes, so OVDiff and FreeDA sit nearer the prior on these few scenes and
 #: their floors catch a fall below it (the most-frequent-class rule gets 2).
 TOY_FLOORS = {"faseg": 10.0, "diffsegmenter": 10.0, "freeda": 0.0, "ovdiff": 0.0}
