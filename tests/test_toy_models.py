@@ -149,6 +149,7 @@ def test_peak_hits_says_where_thing_peaks_land_and_breaks_them_down_by_company()
     r = probe.peak_hits(pairs, rivals=[(a, absent)])  # a rival that is not in the scene is no rival there
     assert r["things_beside_others_only"] == pytest.approx(1 / 3) and r["n_things_beside_others_only"] == 3
     assert "things_beside_a_rival" not in r and r["things_alone"] == 1.0
+    assert probe.peak_misses(pairs) == {f"{a} -> {b}": 1, f"{b} -> {stuff}": 1}  # hits are no misses
 
 
 def test_hard_negatives_swap_one_thing_for_an_absent_one_in_the_same_number():

@@ -170,6 +170,20 @@ def peak_hits(pairs: Sequence[tuple[Scene, str, Any]],
     return out
 
 
+def peak_misses(pairs: Sequence[tuple[Scene, str, Any]]) -> dict[str, int]:
+    """For the things of (scene, class, map) triples whose map peaks outside them: "thing -> where" counts,
+    where = the class under the peak (another thing, or a stuff), most frequent first. Flat maps are skipped."""
+    counts: dict[str, int] = {}
+    for scene, name, m in pairs:
+        m = np.asarray(m, dtype=np.float32)
+        if name in TOY_STUFF or not (scene.labels_full == TOY_CLASSES.index(name)).any() or m.max() <= m.min():
+            continue
+        at = TOY_CLASSES[int(scene.labels_full.flat[int(m.argmax())])]
+        if at != name:
+            counts[f"{name} -> {at}"] = counts.get(f"{name} -> {at}", 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 # ------------------------------------------------------------------------------------------ baselines
 
 
@@ -250,8 +264,10 @@ def evaluate_method(method: str, scenes: Sequence[Scene], *, sense: str = "toy",
     # The issue's binding target, on the method's own per-class score maps: does each present class's map
     # peak inside its object? (With own candidates, a class the method did not propose has a flat map: a miss.)
     scores = [r.scores for r in results]  # upsampled to the image on each access: once per result
-    out["peaks"] = peak_hits([(s, c, sc[r.classes.index(c)]) for s, r, sc in zip(scenes, results, scores)
-                              for c in s.tags if c in r.classes and c != "background"], rivals)
+    present = [(s, c, sc[r.classes.index(c)]) for s, r, sc in zip(scenes, results, scores)
+               for c in s.tags if c in r.classes and c != "background"]
+    out["peaks"] = peak_hits(present, rivals)
+    out["peak_misses"] = peak_misses(present)
     if background:
         out["tau"] = results[0].meta.get("bg_threshold")
     # Re-thresholding needs τ semantics (max score ≥ τ is a class); OVDiff decides background by prototypes.
