@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,17 @@ def binding_probe(dm: Any, scenes: Sequence[Scene], **kwargs) -> dict[str, float
     return {"n_scenes": len(scenes), **peak_hits(pairs)}
 
 
+def _peak_sites(pairs: Sequence[tuple[Scene, str, Any]]) -> Iterator[tuple[Scene, str, np.ndarray, str | None]]:
+    """(scene, class, its region, the class under its map's peak; None for a flat map) for the present classes."""
+    for scene, name, m in pairs:
+        region = scene.labels_full == TOY_CLASSES.index(name)
+        if not region.any():
+            continue
+        m = np.asarray(m, dtype=np.float32)
+        at = TOY_CLASSES[int(scene.labels_full.flat[int(m.argmax())])] if m.max() > m.min() else None
+        yield scene, name, region, at
+
+
 def peak_hits(pairs: Sequence[tuple[Scene, str, Any]],
               rivals: Sequence[tuple[str, str]] | None = None) -> dict[str, float]:
     """For (scene, class, map at the scene's size) triples: the share whose map peaks inside the class's
@@ -137,19 +148,13 @@ def peak_hits(pairs: Sequence[tuple[Scene, str, Any]],
     landed: dict[str, list[bool]] = {"things_in_another_thing": [], "things_in_stuff": []}
     company: dict[str, list[bool]] = {}
     rival_sets = {frozenset(r) for r in rivals or ()}
-    for scene, name, m in pairs:
-        region = scene.labels_full == TOY_CLASSES.index(name)
-        if not region.any():
-            continue
+    for scene, name, region, at in _peak_sites(pairs):
         group = "stuff" if name in TOY_STUFF else "things"
-        m = np.asarray(m, dtype=np.float32)
-        peaked = m.max() > m.min()
-        hit = bool(peaked and region.flat[int(m.argmax())])
+        hit = at == name
         hits[group].append(hit)
         chance[group].append(float(region.mean()))
         if group == "stuff":
             continue
-        at = TOY_CLASSES[int(scene.labels_full.flat[int(m.argmax())])] if peaked else None
         landed["things_in_another_thing"].append(at in TOY_THINGS and at != name)
         landed["things_in_stuff"].append(at in TOY_STUFF)
         others = {TOY_CLASSES[int(k)] for k in np.unique(scene.labels_full)} & set(TOY_THINGS) - {name}
@@ -174,12 +179,8 @@ def peak_misses(pairs: Sequence[tuple[Scene, str, Any]]) -> dict[str, int]:
     """For the things of (scene, class, map) triples whose map peaks outside them: "thing -> where" counts,
     where = the class under the peak (another thing, or a stuff), most frequent first. Flat maps are skipped."""
     counts: dict[str, int] = {}
-    for scene, name, m in pairs:
-        m = np.asarray(m, dtype=np.float32)
-        if name in TOY_STUFF or not (scene.labels_full == TOY_CLASSES.index(name)).any() or m.max() <= m.min():
-            continue
-        at = TOY_CLASSES[int(scene.labels_full.flat[int(m.argmax())])]
-        if at != name:
+    for _, name, _, at in _peak_sites(pairs):
+        if name not in TOY_STUFF and at is not None and at != name:
             counts[f"{name} -> {at}"] = counts.get(f"{name} -> {at}", 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
